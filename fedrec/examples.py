@@ -1,0 +1,87 @@
+"""A client's training examples: (history text, positive item, sampled negatives).
+
+From a user's chronological training items s_0..s_{n-1}, example p (p >= 1) asks
+the model to rank s_p above ``num_negatives`` items the user never interacted
+with, given the history s_{p-1}, s_{p-2}, ... (most recent first). Each example's
+inputs and loss depend on that example alone, as DP-SGD requires; negatives are
+drawn per example from the client's own seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedrec.tokens import TokenTable, history_tokens
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the user's items so far (most recent first) and the next."""
+
+    history: np.ndarray
+    positive: int
+    user_items: frozenset[int]
+
+
+def build_examples(user_sequences: Sequence[np.ndarray], history_items: int) -> list[Example]:
+    """All next-item examples of the given users' chronological item sequences."""
+    examples = []
+    for sequence in user_sequences:
+        known = frozenset(int(i) for i in sequence)
+        for p in range(1, len(sequence)):
+            history = sequence[max(0, p - history_items) : p][::-1].copy()
+            examples.append(Example(history=history, positive=int(sequence[p]), user_items=known))
+    return examples
+
+
+class NextItemDataset(Dataset):
+    """Token tensors of each example with freshly sampled negatives."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        table: TokenTable,
+        num_negatives: int,
+        max_user_tokens: int,
+        seed: int,
+    ) -> None:
+        self.examples = examples
+        self.table = table
+        self.num_negatives = num_negatives
+        self.max_user_tokens = max_user_tokens
+        self.num_items = table.item_ids.shape[0]
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _negatives(self, exclude: frozenset[int]) -> np.ndarray:
+        if self.num_items - len(exclude) < self.num_negatives:
+            raise ValueError(
+                f"catalogue of {self.num_items} items leaves fewer than "
+                f"train.num-negatives={self.num_negatives} unseen items"
+            )
+        chosen: list[int] = []
+        while len(chosen) < self.num_negatives:
+            for item in self.rng.integers(0, self.num_items, size=2 * self.num_negatives):
+                if int(item) not in exclude and int(item) not in chosen:
+                    chosen.append(int(item))
+                    if len(chosen) == self.num_negatives:
+                        break
+        return np.asarray(chosen, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        example = self.examples[index]
+        user_ids, user_mask = history_tokens(self.table, example.history, self.max_user_tokens)
+        candidates = np.concatenate([[example.positive], self._negatives(example.user_items)])
+        return {
+            "user_ids": torch.from_numpy(user_ids.astype(np.int64)),
+            "user_mask": torch.from_numpy(user_mask.astype(np.int64)),
+            "item_ids": torch.from_numpy(self.table.item_ids[candidates].astype(np.int64)),
+            "item_mask": torch.from_numpy(self.table.item_mask[candidates].astype(np.int64)),
+        }

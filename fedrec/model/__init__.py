@@ -1,0 +1,1 @@
+"""The two-tower LoRA-BERT recommender."""

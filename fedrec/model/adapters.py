@@ -1,0 +1,95 @@
+"""LoRA adapters (PEFT): the only weights that are trained and cross the wire."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from fedrec.config import LoraSettings
+
+
+class AdapterStateError(ValueError):
+    """An adapter state dict does not match the model's adapters."""
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    """The PEFT ``LoraConfig`` for fedrec's settings."""
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_module_list,
+        layers_to_transform=settings.layer_list,
+        bias="none",
+    )
+
+
+def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap the encoder with LoRA adapters; every base weight is frozen.
+
+    The adapters are initialised from a fixed seed so that all parties start from
+    the same global adapter.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = get_peft_model(encoder, lora_config(settings))
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name
+    return model
+
+
+def adapter_state(model: PeftModel) -> "OrderedDict[str, torch.Tensor]":
+    """The adapter weights, detached on CPU, keyed as PEFT saves them."""
+    state = get_peft_model_state_dict(model)
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+
+
+def check_adapter_state(
+    expected: "OrderedDict[str, torch.Tensor]", received: dict[str, torch.Tensor]
+) -> None:
+    """Raise :class:`AdapterStateError` unless keys, shapes and values are sane."""
+    missing = sorted(set(expected) - set(received))
+    extra = sorted(set(received) - set(expected))
+    if missing or extra:
+        raise AdapterStateError(
+            f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for key, tensor in received.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise AdapterStateError(
+                f"adapter '{key}' has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterStateError(f"adapter '{key}' holds NaN or Inf")
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Set the model's adapters from a state dict, after checking it matches."""
+    check_adapter_state(adapter_state(model), state)
+    set_peft_model_state_dict(model, state)
+
+
+def save_adapter(model: PeftModel, folder: Path) -> None:
+    """Save the adapters in PEFT's ``save_pretrained`` format."""
+    model.save_pretrained(str(folder))
+
+
+def load_saved_adapter(model: PeftModel, folder: Path) -> None:
+    """Load adapters written by :func:`save_adapter` into ``model``."""
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no adapter weights at {weights}")
+    load_adapter_state(model, load_file(str(weights)))
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors in a state dict."""
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,59 @@
+"""Building the LoRA recommender and its token table, once per process.
+
+A Ray actor runs many virtual clients one after another; the frozen base model
+and the token table are built once per actor (``functools.lru_cache``) and each
+client only swaps in the adapters it received.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedrec.config import LoraSettings, ModelConfig
+from fedrec.model.adapters import add_lora
+from fedrec.model.encoder import load_encoder, load_tokenizer
+from fedrec.model.recommender import TwoTowerRecommender
+from fedrec.tokens import TokenTable, build_token_table
+
+if TYPE_CHECKING:
+    from fedrec.prepare import PreparedData
+
+
+def build_recommender(model: ModelConfig, lora: LoraSettings) -> TwoTowerRecommender:
+    """A fresh two-tower recommender with LoRA adapters on a frozen encoder."""
+    tokenizer = load_tokenizer(model.name)
+    encoder = load_encoder(model.name, vocab_size=len(tokenizer))
+    return TwoTowerRecommender(add_lora(encoder, lora), temperature=model.temperature)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_recommender(model: ModelConfig, lora: LoraSettings) -> TwoTowerRecommender:
+    """The process-wide recommender for these settings; callers set its adapters."""
+    return build_recommender(model, lora)
+
+
+def token_table_path(prepared: "PreparedData", model: ModelConfig) -> Path:
+    """Cache file of the token table for this dataset and tokenizer."""
+    key = hashlib.sha256(f"{model.name}|{model.max_item_tokens}".encode()).hexdigest()[:10]
+    return prepared.root / f"tokens-{key}.npz"
+
+
+def token_table(prepared: "PreparedData", model: ModelConfig) -> TokenTable:
+    """The dataset's token table, tokenized once and cached beside the prepared data."""
+    path = token_table_path(prepared, model)
+    if not path.exists():
+        items = prepared.items
+        table = build_token_table(
+            load_tokenizer(model.name), items["text"].tolist(), items["title"].tolist(), model.max_item_tokens
+        )
+        table.save(path)
+    return cached_token_table(path)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_token_table(path: Path) -> TokenTable:
+    """Token table read from disk once per process."""
+    return TokenTable.load(path)

@@ -1,0 +1,58 @@
+"""Two towers on one shared BERT: users and items embedded in one space.
+
+* Item tower: the item's text (title, year, genres or description) -> mean-pooled
+  BERT encoding -> L2-normalised embedding.
+* User tower: the same encoder on the user's history text (recent titles, most
+  recent first) -> embedding. Encoding the history as one text, rather than
+  pooling per-item embeddings, costs one encoder pass per user, lets attention
+  weigh the history items against each other, and keeps each training example a
+  self-contained input: a requirement of per-sample gradients in DP-SGD.
+* Score: cosine similarity. Training divides it by a temperature.
+
+The encoder is called once per tower per candidate column, each call with the
+example dimension as batch dimension, so per-sample gradients (Opacus hooks) see
+one sample per example, never one per tower.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average the token states where ``mask`` is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class TwoTowerRecommender(nn.Module):
+    """Scores candidate items for users by cosine similarity of BERT embeddings."""
+
+    def __init__(self, encoder: nn.Module, temperature: float = 0.05) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.temperature = temperature
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of a batch of token sequences, shape [B, D]."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
+
+    def forward(
+        self,
+        user_ids: torch.Tensor,
+        user_mask: torch.Tensor,
+        item_ids: torch.Tensor,
+        item_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [B, C] of C candidate items per user (column 0: the positive).
+
+        ``user_ids``/``user_mask``: [B, Tu]; ``item_ids``/``item_mask``: [B, C, Ti].
+        """
+        users = self.embed(user_ids, user_mask)
+        items = torch.stack(
+            [self.embed(item_ids[:, c], item_mask[:, c]) for c in range(item_ids.shape[1])],
+            dim=1,
+        )
+        return torch.einsum("bd,bcd->bc", users, items) / self.temperature

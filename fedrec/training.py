@@ -1,0 +1,82 @@
+"""Local training: one loop, private or not.
+
+DP-SGD (Opacus) wraps the model, optimizer and data loader before this loop
+runs, and returns the same three objects; the loop itself never forks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedrec.config import TrainConfig
+from fedrec.examples import NextItemDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training did."""
+
+    loss: float
+    steps: int
+    examples: int
+
+
+def make_loader(dataset: NextItemDataset, batch_size: int, seed: int) -> DataLoader:
+    """A shuffling loader over the client's examples."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable (adapter) parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; were the adapters added?")
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _batches(loader: DataLoader, epochs: int) -> Iterable[dict[str, torch.Tensor]]:
+    for _ in range(epochs):
+        yield from loader
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+) -> TrainResult:
+    """Run ``local_epochs`` epochs (stopping after ``max_steps`` steps if set).
+
+    The loss is a sampled softmax: cross-entropy of the positive (column 0) against
+    the example's own negatives, so each example's loss depends on it alone.
+    Empty batches (possible under Poisson sampling) are skipped.
+    """
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, steps, examples = 0.0, 0, 0
+    for batch in _batches(loader, config.local_epochs):
+        if config.max_steps and steps >= config.max_steps:
+            break
+        if batch["user_ids"].shape[0] == 0:
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"])
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+        loss = loss_fn(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * logits.shape[0]
+        examples += logits.shape[0]
+        steps += 1
+    return TrainResult(loss=total_loss / max(examples, 1), steps=steps, examples=examples)

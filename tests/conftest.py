@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random BERT recommender and a token table of a toy catalogue."""
+
+import numpy as np
+import pytest
+
+from fedrec.config import LoraSettings, ModelConfig
+from fedrec.model.build import build_recommender
+from fedrec.model.encoder import load_tokenizer
+from fedrec.tokens import build_token_table
+
+TINY = ModelConfig(name="tiny-random", max_item_tokens=12, max_user_tokens=24, history_items=5)
+LORA = LoraSettings(r=4, alpha=8)
+
+TITLES = [f"Movie {chr(65 + i)} ({1990 + i})" for i in range(12)]
+TEXTS = [f"{t}. Genres: {'Comedy' if i % 2 else 'Drama'}" for i, t in enumerate(TITLES)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(TINY.name)
+
+
+@pytest.fixture(scope="session")
+def table(tokenizer):
+    return build_token_table(tokenizer, TEXTS, TITLES, TINY.max_item_tokens)
+
+
+@pytest.fixture()
+def recommender():
+    return build_recommender(TINY, LORA)
+
+
+@pytest.fixture()
+def sequences():
+    return [np.array([0, 1, 2, 3, 4, 5]), np.array([6, 7, 8, 9]), np.array([1, 3, 5, 7, 9])]
+
+
+def write_toy_dataset(folder, num_users=24, num_items=40, seed=0):
+    """A small CSV dataset with item text: (interactions.csv, items.csv)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(1, num_users + 1):
+        taste = rng.integers(0, 2)
+        pool = np.arange(taste, num_items, 2)  # users prefer odd or even items
+        items = rng.choice(pool, size=int(rng.integers(6, 12)), replace=False)
+        for t, item in enumerate(items):
+            rows.append((f"u{user}", f"i{item}", float(rng.integers(1, 6)), 1_000_000 + 100 * t))
+    interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    genres = ["Comedy", "Drama"]
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(num_items)],
+            "title": [f"Film {i}" for i in range(num_items)],
+            "text": [f"Film {i}. Genres: {genres[i % 2]}" for i in range(num_items)],
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    interactions.to_csv(folder / "interactions.csv", index=False)
+    items.to_csv(folder / "items.csv", index=False)
+    return folder / "interactions.csv", folder / "items.csv"
+
+
+def toy_run_config(folder, **overrides):
+    """Run-config overrides that point fedrec at the toy dataset with a tiny model."""
+    inter, items = write_toy_dataset(folder / "data")
+    config = {
+        "data.name": "csv",
+        "data.path": str(inter),
+        "data.items-path": str(items),
+        "data.cache-dir": str(folder / "cache"),
+        "eval.num-negatives": 9,
+        "model.name": "tiny-random",
+        "model.max-item-tokens": 12,
+        "model.max-user-tokens": 24,
+        "train.batch-size": 8,
+        "train.max-steps": 2,
+        "lora.r": 4,
+        "out-dir": str(folder / "out"),
+    }
+    config.update(overrides)
+    return config
