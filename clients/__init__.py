@@ -1,0 +1,1 @@
+"""fedrec's Flower ClientApp."""

@@ -1,0 +1,64 @@
+"""The global model as the server (or a central baseline) sees it."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from fedrec.checkpoint import save_checkpoint
+from fedrec.config import FedRecConfig
+from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
+from fedrec.model.adapters import adapter_state, load_adapter_state, state_bytes
+from fedrec.model.build import build_recommender, token_table
+from fedrec.prepare import PreparedData
+from fedrec.runtime import select_device
+
+log = logging.getLogger(__name__)
+
+
+class GlobalModel:
+    """Builds the recommender once; evaluates and checkpoints given adapters."""
+
+    def __init__(self, config: FedRecConfig, prepared: PreparedData) -> None:
+        self.config = config
+        self.prepared = prepared
+        self.device = select_device(config.runtime)
+        self.model = build_recommender(config.model, config.lora).to(self.device)
+        self.table = token_table(prepared, config.model)
+
+    def adapters(self) -> "OrderedDict[str, torch.Tensor]":
+        """The current adapter state dict."""
+        return adapter_state(self.model.encoder)
+
+    def set_adapters(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model.encoder, state)
+
+    def size_report(self) -> dict[str, int]:
+        """Bytes of the adapters (what travels) against the whole model."""
+        params = list(self.model.parameters())
+        return {
+            "adapter_bytes": state_bytes(self.adapters()),
+            "model_bytes": sum(p.numel() * p.element_size() for p in params),
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params),
+        }
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Sampled and full-ranking metrics of the current adapters."""
+        scorer = model_scorer(
+            self.model,
+            self.table,
+            histories_for(self.prepared, split),
+            self.config.model.history_items,
+            self.config.model.max_user_tokens,
+            self.device,
+        )
+        return evaluate_scorer(
+            scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users
+        )
+
+    def checkpoint(self, out_dir: Path, server_round: int) -> Path:
+        return save_checkpoint(self.model.encoder, out_dir, server_round)

@@ -1,0 +1,217 @@
+"""Interactions table -> implicit feedback -> leave-one-out split -> cached on disk.
+
+Preparation runs once per dataset and settings (in the ServerApp, or ahead of a
+simulation); every client afterwards reads only its own users' rows from the
+cache. The cache folder is written under a temporary name and renamed when
+complete, so an interrupted preparation never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from datasets import Dataset, load_from_disk
+
+from fedrec.config import DataConfig, EvalConfig
+from fedrec.data.interactions import DataError, InteractionData
+from fedrec.data.registry import load_dataset
+from fedrec.split import filter_min_interactions, implicit_feedback, leave_one_out
+
+log = logging.getLogger(__name__)
+
+PREPARED_VERSION = 1
+
+
+def _sort_key(ids: pd.Series) -> pd.Series:
+    """Numeric order when every id is a number, else lexicographic."""
+    numeric = pd.to_numeric(ids, errors="coerce")
+    return numeric if numeric.notna().all() else ids
+
+
+def sample_negatives(
+    seen: list[np.ndarray], num_items: int, num_negatives: int, seed: int
+) -> np.ndarray:
+    """For each user, ``num_negatives`` distinct items outside ``seen[u]``, uniformly.
+
+    Uses ``numpy.random.default_rng(seed)``, drawing users in index order, so the
+    candidates are reproducible from the seed alone.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(seen), num_negatives), dtype=np.int64)
+    for user, items in enumerate(seen):
+        available = num_items - len(np.unique(items))
+        if available < num_negatives:
+            raise DataError(
+                f"user index {user} has seen {num_items - available} of {num_items} items; "
+                f"cannot sample {num_negatives} negatives (lower eval.num-negatives)"
+            )
+        mask = np.ones(num_items, dtype=bool)
+        mask[items] = False
+        out[user] = rng.choice(np.flatnonzero(mask), size=num_negatives, replace=False)
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset on disk, read lazily."""
+
+    root: Path
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads((self.root / "meta.json").read_text())
+
+    @property
+    def num_users(self) -> int:
+        return int(self.meta["num_users"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.meta["num_items"])
+
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        """item_idx, item_id, title, text."""
+        return pd.read_parquet(self.root / "items.parquet")
+
+    @cached_property
+    def users(self) -> pd.DataFrame:
+        """user_idx, user_id, num_train."""
+        return pd.read_parquet(self.root / "users.parquet")
+
+    @cached_property
+    def train(self) -> Dataset:
+        """Training interactions (user_idx, item_idx, position), memory-mapped, by user."""
+        return load_from_disk(str(self.root / "train"))
+
+    @cached_property
+    def user_offsets(self) -> np.ndarray:
+        """Rows of user u in ``train`` are ``offsets[u]:offsets[u+1]``."""
+        return np.load(self.root / "user_offsets.npy")
+
+    def holdout(self, split: str) -> pd.DataFrame:
+        """The ``valid`` or ``test`` interactions: user_idx, item_idx (one per user)."""
+        return pd.read_parquet(self.root / f"{split}.parquet")
+
+    def candidates(self, split: str) -> np.ndarray:
+        """[U, 1 + negatives] item indices; column 0 is the held-out item."""
+        return np.load(self.root / f"candidates_{split}.npy")
+
+    def train_items_of(self, users: np.ndarray) -> list[np.ndarray]:
+        """Chronological training items of each given user."""
+        offsets = self.user_offsets
+        rows = np.concatenate([np.arange(offsets[u], offsets[u + 1]) for u in users]) if len(users) else []
+        items = np.asarray(self.train.select(rows)["item_idx"], dtype=np.int64) if len(rows) else np.zeros(0, np.int64)
+        lengths = offsets[np.asarray(users) + 1] - offsets[np.asarray(users)]
+        return np.split(items, np.cumsum(lengths)[:-1]) if len(users) else []
+
+    @cached_property
+    def all_train_items(self) -> list[np.ndarray]:
+        """Chronological training items of every user (server-side use only)."""
+        items = np.asarray(self.train["item_idx"], dtype=np.int64)
+        return np.split(items, self.user_offsets[1:-1])
+
+
+def prepared_key(data: DataConfig, evaluation: EvalConfig) -> str:
+    """A short hash of every setting that changes the prepared data."""
+    settings = asdict(data)
+    settings.pop("cache_dir")
+    settings["eval_negatives"] = evaluation.num_negatives
+    settings["eval_seed"] = evaluation.seed
+    settings["version"] = PREPARED_VERSION
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{data.name}-{digest}"
+
+
+def build_tables(raw: InteractionData, data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Filter, index and split: (users, items, interactions with split labels)."""
+    interactions = implicit_feedback(raw.interactions, data.min_rating or None)
+    interactions = filter_min_interactions(interactions, data.min_user_interactions)
+    if interactions.empty:
+        raise DataError(
+            f"{raw.name}: no user has {data.min_user_interactions}+ interactions with "
+            f"rating >= {data.min_rating}; lower data.min-user-interactions or data.min-rating"
+        )
+    user_ids = pd.Series(interactions["user_id"].unique())
+    user_ids = user_ids.iloc[np.argsort(_sort_key(user_ids).to_numpy(), kind="stable")]
+    if data.max_users:
+        user_ids = user_ids.iloc[: data.max_users]
+        interactions = interactions[interactions["user_id"].isin(set(user_ids))]
+    items = raw.items.drop_duplicates("item_id").reset_index(drop=True)
+    items = items.iloc[np.argsort(_sort_key(items["item_id"]).to_numpy(), kind="stable")]
+    items = items.reset_index(drop=True).assign(item_idx=lambda f: np.arange(len(f)))
+    users = pd.DataFrame({"user_id": user_ids.to_numpy(), "user_idx": np.arange(len(user_ids))})
+    interactions = interactions.assign(
+        user_idx=interactions["user_id"].map(dict(zip(users["user_id"], users["user_idx"]))),
+        item_idx=interactions["item_id"].map(dict(zip(items["item_id"], items["item_idx"]))),
+    )
+    return users, items, interactions
+
+
+def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
+    """Prepare (or reuse the cached) dataset for these settings."""
+    root = data.cache_path / "prepared" / prepared_key(data, evaluation)
+    if (root / "meta.json").exists():
+        return PreparedData(root)
+    log.info("Preparing %s into %s", data.name, root)
+    raw = load_dataset(
+        data.name, data.path or None, data.cache_path, items_path=data.items_path or None
+    )
+    users, items, interactions = build_tables(raw, data)
+    split = leave_one_out(
+        interactions[["user_id", "item_id", "rating", "timestamp", "user_idx", "item_idx"]],
+        tie_break=data.tie_break,
+    )
+    train = split.train.sort_values(["user_idx", "position"], kind="stable")
+    counts = np.bincount(train["user_idx"].to_numpy(), minlength=len(users))
+    users = users.assign(num_train=counts)
+    valid = split.valid.sort_values("user_idx")[["user_idx", "item_idx"]].reset_index(drop=True)
+    test = split.test.sort_values("user_idx")[["user_idx", "item_idx"]].reset_index(drop=True)
+
+    seen = [
+        np.asarray(g, dtype=np.int64)
+        for _, g in interactions.groupby("user_idx", sort=True)["item_idx"]
+    ]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+    try:
+        items[["item_idx", "item_id", "title", "text"]].to_parquet(tmp / "items.parquet")
+        users.to_parquet(tmp / "users.parquet")
+        Dataset.from_pandas(
+            train[["user_idx", "item_idx", "position"]].reset_index(drop=True)
+        ).save_to_disk(str(tmp / "train"))
+        np.save(tmp / "user_offsets.npy", np.concatenate([[0], np.cumsum(counts)]))
+        valid.to_parquet(tmp / "valid.parquet")
+        test.to_parquet(tmp / "test.parquet")
+        for name, frame, seed in (("test", test, evaluation.seed), ("valid", valid, evaluation.seed + 1)):
+            negatives = sample_negatives(seen, len(items), evaluation.num_negatives, seed)
+            np.save(tmp / f"candidates_{name}.npy", np.column_stack([frame["item_idx"], negatives]))
+        meta = {
+            "dataset": raw.name,
+            "num_users": len(users),
+            "num_items": len(items),
+            "num_train": int(len(train)),
+            "settings": {k: v for k, v in asdict(data).items() if k != "cache_dir"},
+            "eval_negatives": evaluation.num_negatives,
+            "eval_seed": evaluation.seed,
+            "negative_sampler": "numpy default_rng(eval.seed), uniform over items the user never interacted with",
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            tmp.rename(root)
+        except OSError:  # prepared concurrently by another process: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Prepared %d users, %d items, %d training interactions", len(users), len(items), len(train))
+    return PreparedData(root)

@@ -1,0 +1,116 @@
+"""fedrec's Flower ServerApp: FedAvg over LoRA adapters, evaluated and checkpointed each round."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec import records
+from fedrec.checkpoint import latest_checkpoint
+from fedrec.client_data import num_partitions_for
+from fedrec.config import FedRecConfig, load_config, to_run_config
+from fedrec.evaluation import evaluate_scorer, popularity_scorer
+from fedrec.global_model import GlobalModel
+from fedrec.logs import setup_logging
+from fedrec.model.adapters import load_saved_adapter
+from fedrec.prepare import prepare
+from fedrec.results import RunRecord, read_record
+from fedrec.runtime import configure_threads
+from server.strategy import FedRecAvg
+
+log = logging.getLogger("fedrec.server")
+
+app = ServerApp()
+
+SUMMARY_METRICS = ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full")
+
+
+def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tuple[RunRecord, int]:
+    """A fresh record, or the earlier one and its last round when resuming."""
+    previous = read_record(out_dir) if config.federation.resume else None
+    found = latest_checkpoint(out_dir) if config.federation.resume else None
+    if previous is not None and found is not None:
+        start_round, folder = found
+        load_saved_adapter(model.model.encoder, folder)
+        previous.rounds = [r for r in previous.rounds if r[records.ROUND] <= start_round]
+        previous.settings = to_run_config(config)
+        log.info("Resuming from %s (round %d)", folder, start_round)
+        return previous, start_round
+    prepared = model.prepared
+    record = RunRecord(
+        settings=to_run_config(config),
+        dataset={"name": config.data.name, **{k: prepared.meta[k] for k in ("num_users", "num_items", "num_train")}},
+        model={**model.size_report(), "adapter_wire_bytes": ArrayRecord(model.adapters()).count_bytes()},
+    )
+    log.info("Popularity baseline ...")
+    record.baselines["popularity"] = evaluate_scorer(
+        popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users
+    )
+    return record, 0
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Prepare data, then run FedAvg rounds; write metrics.json and checkpoints."""
+    setup_logging()
+    config = load_config(context.run_config)
+    configure_threads(config.runtime)
+    out_dir = Path(config.federation.out_dir).expanduser()
+    prepared = prepare(config.data, config.eval)
+    num_nodes = len(list(grid.get_node_ids()))
+    if num_nodes:
+        num_partitions_for(config, prepared, num_nodes)
+    model = GlobalModel(config, prepared)
+    record, start_round = _start_record(config, model, out_dir)
+    record.write(out_dir)
+    total = config.federation.num_server_rounds
+    if start_round >= total:
+        log.info("All %d rounds already done in %s", total, out_dir)
+        return
+
+    strategy = FedRecAvg(
+        fraction_train=config.federation.fraction_train,
+        fraction_evaluate=config.federation.fraction_evaluate,
+        min_train_nodes=config.federation.min_train_nodes,
+        min_evaluate_nodes=config.federation.min_train_nodes if config.federation.fraction_evaluate else 0,
+        min_available_nodes=config.federation.min_train_nodes,
+        weighted_by_key=records.NUM_EXAMPLES,
+        arrayrecord_key=records.ARRAYS,
+        configrecord_key=records.CONFIG,
+        round_offset=start_round,
+    )
+    clock = {"start": time.monotonic()}
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        current = server_round + start_round
+        model.set_adapters(arrays.to_torch_state_dict())
+        model.checkpoint(out_dir, current)
+        metrics = model.evaluate("test")
+        values = {records.ROUND: current, **strategy.last_round, **metrics}
+        values[records.SECONDS] = time.monotonic() - clock["start"]
+        clock["start"] = time.monotonic()
+        record.add_round(values)
+        record.write(out_dir)
+        log.info(
+            "round %d/%d  loss %.4f  %s  (%.1fs)",
+            current,
+            total,
+            values.get(records.TRAIN_LOSS, float("nan")),
+            "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY_METRICS),
+            values[records.SECONDS],
+        )
+        return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.adapters()),
+        num_rounds=total - start_round,
+        evaluate_fn=evaluate_round,
+    )
+    log.info("Wrote %s", out_dir / "metrics.json")

@@ -1,0 +1,1 @@
+"""Simulation runner, presets and sweeps."""

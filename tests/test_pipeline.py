@@ -1,0 +1,86 @@
+"""Prepare -> partition -> local round -> global evaluation, without Flower."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.client_data import PartitionError, load_client_data
+from fedrec.config import load_config
+from fedrec.evaluation import evaluate_scorer, popularity_scorer
+from fedrec.global_model import GlobalModel
+from fedrec.local_round import run_local_round
+from fedrec.model.adapters import adapter_state
+from fedrec.model.build import token_table
+from fedrec.prepare import prepare
+from tests.conftest import toy_run_config
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    config = load_config(toy_run_config(tmp_path))
+    return config, prepare(config.data, config.eval)
+
+
+def test_prepare_splits_and_caches(setup):
+    config, prepared = setup
+    assert prepared.num_users == 24 and prepared.num_items == 40
+    test = prepared.holdout("test")
+    candidates = prepared.candidates("test")
+    assert candidates.shape == (24, 10)
+    assert (candidates[:, 0] == test["item_idx"].to_numpy()).all()
+    for user, items in enumerate(prepared.all_train_items):
+        seen = set(items) | {int(prepared.holdout("valid")["item_idx"][user]), int(test["item_idx"][user])}
+        assert not set(candidates[user, 1:]) & seen
+        assert len(set(candidates[user, 1:])) == 9
+    again = prepare(config.data, config.eval)
+    assert again.root == prepared.root
+
+
+def test_client_reads_only_its_users(setup):
+    config, prepared = setup
+    data = load_client_data(config, prepared, partition_id=3, num_partitions=24)
+    assert data.users.tolist() == [3]
+    assert data.sequences[0].tolist() == prepared.all_train_items[3].tolist()
+    with pytest.raises(PartitionError, match="num-supernodes=24"):
+        load_client_data(config, prepared, 0, num_partitions=10)
+
+
+def test_local_round_changes_adapters_and_reports(setup):
+    config, prepared = setup
+    model = GlobalModel(config, prepared)
+    start = model.adapters()
+    data = load_client_data(config, prepared, 0, 24)
+    output = run_local_round(config, data, token_table(prepared, config.model), start, server_round=1)
+    batches = -(-output.num_examples // 8)  # one local epoch of batch 8, capped at max-steps=2
+    assert output.result.steps == min(2, batches)
+    assert output.result.examples == min(output.num_examples, 16)
+    assert set(output.adapters) == set(start)
+    assert any(not torch.equal(output.adapters[k], start[k]) for k in start)
+
+
+def test_evaluation_of_model_and_popularity(setup):
+    config, prepared = setup
+    model = GlobalModel(config, prepared)
+    metrics = model.evaluate("test")
+    for key in ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full", "mrr", "f1@10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    # 10 candidates and K=10: every sampled rank is a hit.
+    assert metrics["hr@10"] == 1.0
+    pop = evaluate_scorer(popularity_scorer(prepared), prepared, "test", k=1)
+    assert 0.0 <= pop["hr@1"] <= 1.0
+
+
+def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(setup):
+    _, prepared = setup
+    target = prepared.candidates("test")[:, 0]
+
+    def oracle(users):
+        scores = np.zeros((len(users), prepared.num_items))
+        scores[np.arange(len(users)), target[users]] = 1.0
+        return scores
+
+    perfect = evaluate_scorer(oracle, prepared, "test", k=1)
+    assert perfect["hr@1"] == 1.0 and perfect["hr@1_full"] == 1.0 and perfect["mrr_full"] == 1.0
+    worst = evaluate_scorer(lambda u: -oracle(u), prepared, "test", k=5)
+    assert worst["hr@5"] == 0.0
+    assert worst["mrr"] == pytest.approx(1 / 10)

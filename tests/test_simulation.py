@@ -1,0 +1,45 @@
+"""A real Flower simulation (`flwr run`, local SuperLink, Ray) end to end."""
+
+import json
+
+import pytest
+
+from fedrec.checkpoint import latest_checkpoint
+from simulations.runner import simulate, stop_superlinks, _local_superlinks
+from tests.conftest import toy_run_config
+
+pytestmark = pytest.mark.slow
+
+ROUND_KEYS = {"round", "train_loss", "hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full",
+              "bytes_up_per_client", "seconds"}
+
+
+@pytest.fixture()
+def flwr_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    yield
+    assert not _local_superlinks(), "the runner left a SuperLink running"
+
+
+def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
+    overrides = toy_run_config(tmp_path)
+    results = simulate("smoke", overrides, stream=False)
+
+    assert results["dataset"]["num_users"] == 20  # smoke preset: max-users=20 -> 20 clients
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for record in results["rounds"]:
+        assert ROUND_KEYS <= set(record)
+        assert record["clients"] == 5  # fraction-train 0.25 of 20
+        assert record["failures"] == 0
+        assert record["train_loss"] > 0
+        assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"]
+    assert results["model"]["adapter_bytes"] < 0.05 * results["model"]["model_bytes"]
+    assert set(results["baselines"]["popularity"]) >= {"hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full"}
+    out = tmp_path / "out"
+    assert latest_checkpoint(out)[0] == 2
+    assert json.loads((out / "metrics.json").read_text()) == results
+
+    resumed = simulate("smoke", {**overrides, "num-server-rounds": 3, "resume": True}, stream=False)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][:2] == results["rounds"]
+    assert latest_checkpoint(out)[0] == 3
