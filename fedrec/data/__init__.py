@@ -1,0 +1,1 @@
+"""Loading interactions and item text from disk."""
