@@ -10,7 +10,6 @@ popularity baseline and any other baseline go through exactly the same code.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,7 +20,6 @@ from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
 from fedrec.tokens import TokenTable, history_tokens
 
-log = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """Maps user indices [u] to scores over all items [u, I]."""

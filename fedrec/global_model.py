@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from fedrec.model.build import build_recommender, token_table
 from fedrec.prepare import PreparedData
 from fedrec.runtime import select_device
 
-log = logging.getLogger(__name__)
 
 
 class GlobalModel:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -19,7 +18,6 @@ from fedrec.runtime import configure_threads, select_device
 from fedrec.tokens import TokenTable
 from fedrec.training import TrainResult, make_loader, make_optimizer, train_local
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

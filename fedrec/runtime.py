@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from fedrec.config import RuntimeConfig
 
-log = logging.getLogger(__name__)
 
 
 def select_device(config: RuntimeConfig) -> torch.device:

@@ -6,7 +6,6 @@ runs, and returns the same three objects; the loop itself never forks.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,7 +16,6 @@ from torch.utils.data import DataLoader
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,14 @@ def test_max_steps_stops_early(recommender, table, sequences):
         TrainConfig(local_epochs=5, max_steps=3, batch_size=2), torch.device("cpu"),
     )
     assert result.steps == 3 and result.examples == 6
+
+
+def test_trimming_padding_changes_no_embedding(recommender, table):
+    ids = torch.from_numpy(table.item_ids[:4].astype("int64"))
+    mask = torch.from_numpy(table.item_mask[:4].astype("int64"))
+    recommender.eval()
+    with torch.no_grad():
+        trimmed = recommender.embed(ids, mask)
+        padded = torch.cat([ids, torch.zeros(4, 20, dtype=torch.long)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(4, 20, dtype=torch.long)], 1)
+        assert torch.allclose(recommender.embed(padded, padded_mask), trimmed, atol=1e-6)

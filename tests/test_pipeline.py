@@ -9,7 +9,6 @@ from fedrec.config import load_config
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.local_round import run_local_round
-from fedrec.model.adapters import adapter_state
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
 from tests.conftest import toy_run_config

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedrec.checkpoint import latest_checkpoint
-from simulations.runner import simulate, stop_superlinks, _local_superlinks
+from simulations.runner import simulate, _local_superlinks
 from tests.conftest import toy_run_config
 
 pytestmark = pytest.mark.slow

@@ -35,7 +35,13 @@ class TwoTowerRecommender(nn.Module):
         self.temperature = temperature
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit-norm embeddings of a batch of token sequences, shape [B, D]."""
+        """Unit-norm embeddings of a batch of token sequences, shape [B, D].
+
+        Columns that are padding in every row are cut first (item texts are much
+        shorter than their padded width), which changes no embedding.
+        """
+        length = int(attention_mask.sum(1).max().clamp(min=1))
+        input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
 
