@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fedrec.config import FedRecConfig, to_run_config
@@ -25,6 +26,30 @@ from fedrec.runtime import configure_threads
 from fedrec.training import make_loader, make_optimizer, train_local
 
 log = logging.getLogger(__name__)
+
+PROGRESS_STEPS = 10
+
+
+class _Endless:
+    """Batches of a loader, epoch after epoch, resuming where the last caller stopped.
+
+    A plain iterator rather than a generator: a generator would be closed when a
+    caller that delegated to it (``yield from``) is abandoned mid-way.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.current = iter(loader)
+
+    def __iter__(self) -> "_Endless":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self.current)
+        except StopIteration:
+            self.current = iter(self.loader)
+            return next(self.current)
 
 
 def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict[str, Any]:
@@ -37,22 +62,31 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
         examples, model.table, config.train.num_negatives, config.model.max_user_tokens, config.federation.seed
     )
     torch.manual_seed(config.federation.seed)
-    loader = make_loader(dataset, config.train.batch_size, config.federation.seed)
+    batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))
     optimizer = make_optimizer(model.model, config.train)
     out = Path(config.federation.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
     done, start = 0, time.monotonic()
+    since_eval, losses = 0, []
     with tqdm(total=steps, desc="central training", unit="step") as bar:
         while done < steps:
-            chunk = min(eval_every, steps - done)
-            train_cfg = dataclasses.replace(config.train, max_steps=chunk, local_epochs=10**6)
-            result = train_local(model.model, loader, optimizer, train_cfg, model.device)
-            done += result.steps
+            # Short chunks keep the progress bar moving; the loader keeps its place.
+            chunk = min(PROGRESS_STEPS, steps - done, eval_every - since_eval)
+            train_cfg = dataclasses.replace(config.train, max_steps=chunk, local_epochs=1)
+            result = train_local(model.model, batches, optimizer, train_cfg, model.device)
+            if result.steps == 0:
+                raise RuntimeError("central training made no step; the training data is empty")
+            done, since_eval = done + result.steps, since_eval + result.steps
+            losses.append(result.loss)
             bar.update(result.steps)
-            metrics = model.evaluate("test")
-            history.append({"step": done, "train_loss": result.loss, "seconds": time.monotonic() - start, **metrics})
-            log.info("step %d: loss %.4f hr@10 %.4f ndcg@10 %.4f", done, result.loss, metrics["hr@10"], metrics["ndcg@10"])
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            if since_eval >= eval_every or done >= steps:
+                metrics = model.evaluate("test")
+                loss = float(sum(losses) / len(losses))
+                history.append({"step": done, "train_loss": loss, "seconds": time.monotonic() - start, **metrics})
+                log.info("step %d: loss %.4f hr@10 %.4f ndcg@10 %.4f", done, loss, metrics["hr@10"], metrics["ndcg@10"])
+                since_eval, losses = 0, []
     results = {"settings": to_run_config(config), "examples": len(examples), "history": history, "final": history[-1]}
     (out / "centralized.json").write_text(json.dumps(results, indent=2))
     return results

@@ -25,6 +25,8 @@ SECONDS = "seconds"
 BYTES_UP_PER_CLIENT = "bytes_up_per_client"
 BYTES_DOWN_PER_CLIENT = "bytes_down_per_client"
 CLIENTS = "clients"
+FAILURES = "failures"
+FEDERATED_PREFIX = "federated_"  # on-client evaluation, averaged over clients
 
 
 def metric_name(metric: str, k: int | None = None, full: bool = False) -> str:

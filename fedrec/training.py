@@ -41,14 +41,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _batches(loader: DataLoader, epochs: int) -> Iterable[dict[str, torch.Tensor]]:
+def _batches(loader: Iterable[dict[str, torch.Tensor]], epochs: int) -> Iterable[dict[str, torch.Tensor]]:
     for _ in range(epochs):
         yield from loader
 
 
 def train_local(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     device: torch.device,
@@ -62,8 +62,10 @@ def train_local(
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss, steps, examples = 0.0, 0, 0
-    for batch in _batches(loader, config.local_epochs):
-        if config.max_steps and steps >= config.max_steps:
+    batches = iter(_batches(loader, config.local_epochs))
+    while not (config.max_steps and steps >= config.max_steps):
+        batch = next(batches, None)  # fetched only when a step will be taken
+        if batch is None:
             break
         if batch["user_ids"].shape[0] == 0:
             continue

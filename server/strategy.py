@@ -7,7 +7,8 @@
   are rejected and logged before averaging, so one broken client cannot poison
   the aggregate;
 * bytes sent down and up per client are counted each round;
-* a round offset, so a resumed run continues its round numbers.
+* a round offset, so a resumed run continues its round numbers;
+* on-client (federated) evaluation metrics kept as ``federated_<metric>``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,17 @@ class FedRecAvg(FedAvg):
         self.last_round[records.BYTES_UP_PER_CLIENT] = (
             sum(m.content[self.arrayrecord_key].count_bytes() for m in ok) / len(ok) if ok else 0.0
         )
-        self.last_round["failures"] = float(len(replies) - len(ok))
+        self.last_round[records.FAILURES] = float(len(replies) - len(ok))
         arrays, metrics = super().aggregate_train(server_round, valid)
         if metrics is not None:
             self.last_round.update({k: float(v) for k, v in metrics.items()})
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Average the clients' own evaluations, recorded as ``federated_<metric>``."""
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.last_round.update({f"{records.FEDERATED_PREFIX}{k}": float(v) for k, v in metrics.items()})
+        return metrics

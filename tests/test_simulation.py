@@ -22,7 +22,7 @@ def flwr_home(tmp_path, monkeypatch):
 
 
 def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
-    overrides = toy_run_config(tmp_path)
+    overrides = toy_run_config(tmp_path, **{"fraction-evaluate": 0.5})
     results = simulate("smoke", overrides, stream=False)
 
     assert results["dataset"]["num_users"] == 20  # smoke preset: max-users=20 -> 20 clients
@@ -32,6 +32,8 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
         assert record["clients"] == 5  # fraction-train 0.25 of 20
         assert record["failures"] == 0
         assert record["train_loss"] > 0
+        # 10 clients ran the ClientApp's evaluate on their own held-out items
+        assert 0 <= record["federated_hr@10"] <= 1 and "federated_ndcg@10_full" in record
         assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"]
     assert results["model"]["adapter_bytes"] < 0.05 * results["model"]["model_bytes"]
     assert set(results["baselines"]["popularity"]) >= {"hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full"}

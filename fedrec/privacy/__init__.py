@@ -1,0 +1,1 @@
+"""Differential privacy for local training: DP-SGD (Opacus) and privacy accounting."""
