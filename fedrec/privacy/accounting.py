@@ -38,7 +38,9 @@ _FORMAT = 1
 def _entry(noise_multiplier: Any, sample_rate: Any, num_steps: Any) -> HistoryEntry:
     entry = (float(noise_multiplier), float(sample_rate), int(num_steps))
     if entry[0] < 0 or not 0 < entry[1] <= 1 or entry[2] < 1 or entry[2] != num_steps:
-        raise ValueError(f"invalid accountant history entry {(noise_multiplier, sample_rate, num_steps)}")
+        raise ValueError(
+            f"invalid accountant history entry {(noise_multiplier, sample_rate, num_steps)}"
+        )
     return entry
 
 
@@ -54,7 +56,9 @@ class AccountantState:
 
     def __post_init__(self) -> None:
         if self.mechanism not in ACCOUNTANTS:
-            raise ValueError(f"unknown accountant '{self.mechanism}', expected one of {ACCOUNTANTS}")
+            raise ValueError(
+                f"unknown accountant '{self.mechanism}', expected one of {ACCOUNTANTS}"
+            )
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         self.history = [_entry(*entry) for entry in self.history]
@@ -184,7 +188,9 @@ def plan_noise_multiplier(
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps_per_round < 1 or rounds < 1:
-        raise ValueError(f"steps_per_round and rounds must be >= 1, got {steps_per_round}, {rounds}")
+        raise ValueError(
+            f"steps_per_round and rounds must be >= 1, got {steps_per_round}, {rounds}"
+        )
     return float(
         get_noise_multiplier(
             target_epsilon=config.target_epsilon,

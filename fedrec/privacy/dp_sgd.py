@@ -35,8 +35,19 @@ log = logging.getLogger(__name__)
 
 # Attributes Opacus sets on parameters (GradSampleModule, DPOptimizer) and on
 # hooked submodules; detach_private removes any left over.
-_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
-_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
+_PARAM_ATTRS = (
+    "grad_sample",
+    "_forward_counter",
+    "_current_grad_sample",
+    "_norm_sample",
+    "summed_grad",
+)
+_MODULE_ATTRS = (
+    "activations",
+    "max_batch_len",
+    "ft_compute_sample_grad",
+    "autograd_grad_sample_hooks",
+)
 
 
 def check_trainable_adapters(model: nn.Module) -> None:

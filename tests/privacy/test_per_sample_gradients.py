@@ -120,7 +120,8 @@ def test_grad_sample_has_one_row_per_example_not_per_tower(recommender, table, s
 
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     logits = wrapped(*(batch[k] for k in KEYS))
-    nn.functional.cross_entropy(logits, torch.zeros(size, dtype=torch.long), reduction="sum").backward()
+    target = torch.zeros(size, dtype=torch.long)
+    nn.functional.cross_entropy(logits, target, reduction="sum").backward()
 
     assert len(calls) == 1 + candidates == 1 + 1 + NEGATIVES
     for name, p in trainable(model).items():
@@ -151,7 +152,8 @@ def test_noiseless_unclipped_private_step_equals_plain_step(recommender, table, 
     detach_private(private_model)
 
     plain_optimizer = torch.optim.SGD(list(trainable(plain).values()), lr=0.5)
-    reference = train_local(plain, DataLoader(examples, batch_size=len(examples)), plain_optimizer, train, cpu)
+    plain_loader = DataLoader(examples, batch_size=len(examples))
+    reference = train_local(plain, plain_loader, plain_optimizer, train, cpu)
 
     assert private.steps == reference.steps == 1 and private.examples == len(examples)
     assert private.loss == pytest.approx(reference.loss, rel=1e-6)
