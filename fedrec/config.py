@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from fedrec.errors import ConfigError
+from fedrec.errors import check_setting as _check
+from fedrec.privacy.config import PrivacyConfig, SecAggConfig, UserLevelDPConfig
+
+__all__ = ["ConfigError", "FedRecConfig", "default_run_config", "load_config", "to_run_config"]
 
 RunConfigValue = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or out of range; the message names it."""
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"setting '{key}': {message}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +120,9 @@ class LoraSettings:
     """Comma-separated module names inside each BERT layer."""
     layers: str = ""
     """Comma-separated layer indices to adapt (empty: all layers)."""
+    freeze_a: bool = False
+    """FFA-LoRA: keep every lora_A at its (seeded, identical) initial value and train,
+    send and average only lora_B, so FedAvg averages the product B·A exactly."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1")
@@ -153,7 +154,7 @@ class TrainConfig:
     max_steps: int = 4
     """Optimizer steps per round per client (0: run all local epochs)."""
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 2e-3
     weight_decay: float = 0.0
     num_negatives: int = 4
     """Negatives sampled per training example, from items the user never interacted with."""
@@ -188,7 +189,7 @@ class EvalConfig:
 class FederationConfig:
     """Rounds, sampling and where results go."""
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     fraction_train: float = 0.01
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
@@ -231,6 +232,9 @@ class FedRecConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    user_dp: UserLevelDPConfig = field(default_factory=UserLevelDPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 # Run-config prefix of each section; the federation section has no prefix.
@@ -243,6 +247,9 @@ _SECTIONS: dict[str, str] = {
     "train": "train.",
     "eval": "eval.",
     "runtime": "runtime.",
+    "dp": "dp.",
+    "user_dp": "user-dp.",
+    "secagg": "secagg.",
 }
 
 

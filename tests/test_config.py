@@ -1,9 +1,15 @@
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from fedrec.config import ConfigError, FedRecConfig, default_run_config, load_config, to_run_config
+from fedrec.config import (
+    ConfigError,
+    FedRecConfig,
+    default_run_config,
+    load_config,
+    to_run_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

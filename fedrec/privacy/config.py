@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedrec.config import ConfigError
+from fedrec.errors import check_setting as _check
 
 ACCOUNTANTS = ("rdp", "prv")
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"setting '{key}': {message}")
+USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
 
 def _finite(value: float) -> bool:
@@ -94,3 +90,100 @@ class PrivacyConfig:
     def budget(self) -> float:
         """The epsilon a client may not exceed (0: unlimited)."""
         return self.max_epsilon if self.max_epsilon > 0 else self.target_epsilon
+
+
+@dataclass(frozen=True)
+class UserLevelDPConfig:
+    """User-level DP on the server (DP-FedAvg): clip each client's update, noise the sum.
+
+    The guarantee covers everything one client contributes in a round (with the
+    default partitioning, one user); it is accounted over rounds with the
+    clients' sampling rate (see docs/privacy.md).
+    """
+
+    mode: str = "off"
+    """``user-dp.mode``: off, server-fixed, client-fixed, server-adaptive, client-adaptive
+    (Flower's DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping)."""
+    noise_multiplier: float = 1.0
+    """``user-dp.noise-multiplier``: noise std / clipping norm on the summed updates."""
+    clipping_norm: float = 0.1
+    """``user-dp.clipping-norm``: L2 bound on one client's adapter update (initial value
+    for the adaptive modes)."""
+    delta: float = 0.0
+    """``user-dp.delta``: 0 means 1 / (10 N) for N clients."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in USER_DP_MODES,
+            "user-dp.mode",
+            f"'{self.mode}' is not one of {', '.join(USER_DP_MODES)}",
+        )
+        _check(
+            _finite(self.noise_multiplier) and self.noise_multiplier >= 0,
+            "user-dp.noise-multiplier",
+            "must be a finite number >= 0",
+        )
+        _check(
+            _finite(self.clipping_norm) and self.clipping_norm > 0,
+            "user-dp.clipping-norm",
+            "must be a finite number > 0",
+        )
+        _check(
+            _finite(self.delta) and 0 <= self.delta < 1,
+            "user-dp.delta",
+            "must be in [0, 1) (0: 1/(10 N) for N clients)",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower's SecAgg+): the server learns only the sum of updates."""
+
+    enabled: bool = False
+    """``secagg.enabled``: aggregate the adapters with SecAgg+."""
+    num_shares: float = 3.0
+    """``secagg.num-shares``: shares of each client's key (a number >= 2, or a fraction
+    in (0, 1] of the round's clients)."""
+    reconstruction_threshold: float = 2.0
+    """``secagg.reconstruction-threshold``: shares needed to recover a dropped client's
+    mask (a number, or a fraction of num-shares); more tolerates fewer dropouts."""
+    clipping_range: float = 8.0
+    """``secagg.clipping-range``: adapter values are clipped to +-this before quantization."""
+    quantization_range: int = 4194304
+    """``secagg.quantization-range``: integer levels of the quantized values (2**22)."""
+    max_weight: float = 1000.0
+    """``secagg.max-weight``: the largest num-examples weight one client may carry."""
+    timeout: float = 0.0
+    """``secagg.timeout``: seconds to wait for each stage's replies (0: no limit)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), "secagg.enabled", "expected true/false")
+        _check(
+            _finite(self.num_shares)
+            and (self.num_shares >= 2 or 0 < self.num_shares <= 1),
+            "secagg.num-shares",
+            "must be >= 2 shares or a fraction in (0, 1]",
+        )
+        _check(
+            _finite(self.reconstruction_threshold) and self.reconstruction_threshold > 0,
+            "secagg.reconstruction-threshold",
+            "must be > 0",
+        )
+        if self.num_shares >= 2 and self.reconstruction_threshold >= 1:
+            _check(
+                self.reconstruction_threshold <= self.num_shares,
+                "secagg.reconstruction-threshold",
+                f"{self.reconstruction_threshold} exceeds secagg.num-shares={self.num_shares}",
+            )
+        _check(
+            _finite(self.clipping_range) and self.clipping_range > 0,
+            "secagg.clipping-range",
+            "must be > 0",
+        )
+        _check(self.quantization_range >= 2, "secagg.quantization-range", "must be >= 2")
+        _check(_finite(self.max_weight) and self.max_weight > 0, "secagg.max-weight", "must be > 0")
+        _check(_finite(self.timeout) and self.timeout >= 0, "secagg.timeout", "must be >= 0")
