@@ -2,47 +2,76 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import logging
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.mods import user_dp_clipping_mod
+from clients.privacy_state import load_accountant, save_accountant
 from fedrec import records
 from fedrec.client_data import load_client_data
 from fedrec.config import load_config
 from fedrec.local_round import evaluate_local, run_local_round
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
+from fedrec.privacy.budget import BudgetExhausted
+
+log = logging.getLogger("fedrec.client")
 
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[user_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Set the global adapters, train locally, reply with adapters and metrics."""
+    """Set the global adapters, train locally, reply with adapters and metrics.
+
+    Under DP-SGD the client's accountant continues from its earlier rounds, and a
+    client whose budget this round would exceed replies with an error
+    (code ``records.BUDGET_EXHAUSTED``) instead of training.
+    """
     config = load_config(context.run_config)
     prepared = prepare(config.data, config.eval)
+    partition_id = int(context.node_config["partition-id"])
     data = load_client_data(
-        config,
-        prepared,
-        int(context.node_config["partition-id"]),
-        int(context.node_config["num-partitions"]),
+        config, prepared, partition_id, int(context.node_config["num-partitions"])
     )
-    output = run_local_round(
-        config,
-        data,
-        token_table(prepared, config.model),
-        msg.content[records.ARRAYS].to_torch_state_dict(),
-        int(msg.content[records.CONFIG][records.SERVER_ROUND]),
+    accountant = (
+        load_accountant(context, config, partition_id) if config.dp.enabled else None
     )
+    try:
+        output = run_local_round(
+            config,
+            data,
+            token_table(prepared, config.model),
+            msg.content[records.ARRAYS].to_torch_state_dict(),
+            int(msg.content[records.CONFIG][records.SERVER_ROUND]),
+            accountant,
+        )
+    except BudgetExhausted as refusal:
+        log.warning("partition %d: %s", partition_id, refusal)
+        return Message(Error(code=records.BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
     arrays = ArrayRecord(output.adapters)
-    metrics = MetricRecord(
-        {
-            records.NUM_EXAMPLES: output.result.examples,
-            records.TRAIN_LOSS: output.result.loss,
-            records.TRAIN_STEPS: output.result.steps,
-            records.BYTES_UP: arrays.count_bytes(),
-        }
-    )
-    return Message(RecordDict({records.ARRAYS: arrays, records.METRICS: metrics}), reply_to=msg)
+    metrics = {
+        records.NUM_EXAMPLES: output.result.examples,
+        records.TRAIN_LOSS: output.result.loss,
+        records.TRAIN_STEPS: output.result.steps,
+        records.BYTES_UP: arrays.count_bytes(),
+        records.PARTITION_ID: partition_id,
+    }
+    if output.privacy is not None:
+        save_accountant(context, config, partition_id, output.privacy.state)
+        # Only what DP covers leaves the device: the loss and the realised Poisson
+        # batch sizes are functions of the examples, so the loss is withheld and the
+        # weight is the expected number of examples (n is treated as public).
+        privacy = output.privacy
+        del metrics[records.TRAIN_LOSS]
+        metrics[records.NUM_EXAMPLES] = privacy.steps * privacy.sample_rate * output.num_examples
+        metrics[records.EPSILON] = output.privacy.epsilon
+        metrics[records.DELTA] = output.privacy.delta
+        metrics[records.NOISE_MULTIPLIER] = output.privacy.noise_multiplier
+    content = RecordDict({records.ARRAYS: arrays, records.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

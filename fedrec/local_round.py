@@ -6,27 +6,45 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from fedrec.client_data import ClientData
 from fedrec.config import FedRecConfig
+from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.model.adapters import adapter_state, load_adapter_state
-from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.model.build import cached_recommender, token_table
 from fedrec.prepare import PreparedData
+from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
+from fedrec.privacy.budget import BudgetExhausted, noise_for, planned_steps
 from fedrec.runtime import configure_threads, select_device
 from fedrec.tokens import TokenTable
 from fedrec.training import TrainResult, make_loader, make_optimizer, train_local
 
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What one private round spent, and the client's total so far."""
+
+    epsilon: float
+    """Total epsilon over every round this client trained in, at ``delta``."""
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    state: AccountantState
+    """The accountant after this round: keep it for the next one."""
 
 
 @dataclass(frozen=True)
 class RoundOutput:
     """The adapters after local training and what the training did."""
 
-    adapters: "OrderedDict[str, torch.Tensor]"
+    adapters: OrderedDict[str, torch.Tensor]
     result: TrainResult
     num_examples: int
+    privacy: PrivacyReport | None = None
 
 
 def round_seed(config: FedRecConfig, server_round: int, partition_id: int) -> int:
@@ -40,8 +58,15 @@ def run_local_round(
     table: TokenTable,
     global_adapters: dict[str, torch.Tensor],
     server_round: int,
+    accountant: AccountantState | None = None,
 ) -> RoundOutput:
-    """Train the received adapters on this client's examples for one round."""
+    """Train the received adapters on this client's examples for one round.
+
+    With ``dp.enabled`` the round runs under DP-SGD and continues ``accountant``
+    (the client's state from earlier rounds; None on its first). It raises
+    :class:`~fedrec.privacy.budget.BudgetExhausted`, before training, when the
+    round would take the client past its budget.
+    """
     configure_threads(config.runtime)
     device = select_device(config.runtime)
     model = cached_recommender(config.model, config.lora).to(device)
@@ -56,8 +81,51 @@ def run_local_round(
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)
     optimizer = make_optimizer(model, config.train)
-    result = train_local(model, loader, optimizer, config.train, device)
-    return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
+    if not config.dp.enabled:
+        result = train_local(model, loader, optimizer, config.train, device)
+        return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
+    state = accountant or AccountantState(config.dp.accountant)
+    result, report = _train_privately(config, model, loader, optimizer, state, device)
+    return RoundOutput(adapter_state(model.encoder), result, len(examples), report)
+
+
+def _train_privately(
+    config: FedRecConfig,
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    state: AccountantState,
+    device: torch.device,
+) -> tuple[TrainResult, PrivacyReport]:
+    """The same training loop under DP-SGD, refused up front if over budget."""
+    from fedrec.privacy.dp_sgd import (  # Opacus is imported only by private rounds
+        detach_private,
+        make_private,
+        poisson_sample_rate,
+        state_after,
+    )
+
+    dp = config.dp
+    num_examples = len(loader.dataset)
+    delta = delta_for(dp, num_examples)
+    rate = poisson_sample_rate(loader)
+    steps = planned_steps(config.train, rate)
+    noise = noise_for(dp, rate, steps, config.federation.num_server_rounds, delta)
+    exceeds, after = would_exceed(state, dp, delta, noise, rate, steps)
+    if exceeds:
+        raise BudgetExhausted(epsilon(state, delta), after, dp.budget, delta)
+    private_model, private_optimizer, private_loader, engine = make_private(
+        model, optimizer, loader, dp, noise, state
+    )
+    try:
+        result = train_local(private_model, private_loader, private_optimizer, config.train, device)
+    finally:
+        detach_private(private_model)
+    new_state = state_after(engine, state)
+    if new_state.steps - state.steps != steps:  # the pre-check assumed exactly these steps
+        raise RuntimeError(f"planned {steps} private steps, the accountant saw {new_state.steps - state.steps}")
+    report = PrivacyReport(epsilon(new_state, delta), delta, noise, rate, steps, new_state)
+    return result, report
 
 
 def evaluate_local(

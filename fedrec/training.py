@@ -6,8 +6,8 @@ runs, and returns the same three objects; the loop itself never forks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
-
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,22 @@ def _batches(loader: Iterable[dict[str, torch.Tensor]], epochs: int) -> Iterable
         yield from loader
 
 
+def _empty_step(optimizer: torch.optim.Optimizer) -> None:
+    """A step on no examples.
+
+    Parameters carrying Opacus' ``grad_sample`` get an empty per-sample gradient,
+    so a ``DPOptimizer`` clips nothing, adds its Gaussian noise and steps its
+    accountant, as DP-SGD prescribes for an empty Poisson batch. A plain optimizer
+    sees no gradients and changes nothing.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+
+
 def train_local(
     model: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -57,7 +72,11 @@ def train_local(
 
     The loss is a sampled softmax: cross-entropy of the positive (column 0) against
     the example's own negatives, so each example's loss depends on it alone.
-    Empty batches (possible under Poisson sampling) are skipped.
+
+    An empty batch (Poisson sampling under DP-SGD draws one now and then) is not
+    passed through the encoder, which cannot take it; it still counts as a step,
+    and a per-sample-gradient optimizer takes it as a noise-only step (see
+    :func:`_empty_step`), so every step the accountant counts is a step that ran.
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -68,6 +87,8 @@ def train_local(
         if batch is None:
             break
         if batch["user_ids"].shape[0] == 0:
+            _empty_step(optimizer)
+            steps += 1
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"])

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedrec.checkpoint import latest_checkpoint
-from simulations.runner import simulate, _local_superlinks
+from simulations.runner import _local_superlinks, simulate
 from tests.conftest import toy_run_config
 
 pytestmark = pytest.mark.slow
@@ -45,3 +45,25 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == results["rounds"]
     assert latest_checkpoint(out)[0] == 3
+
+
+def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, flwr_home):
+    """DP-SGD on every client: the target is spent by the last round and never exceeded."""
+    overrides = toy_run_config(
+        tmp_path, **{"fraction-train": 1.0, "dp.enabled": True, "dp.target-epsilon": 2.0}
+    )
+    results = simulate("smoke", overrides, stream=False)
+
+    first, last = results["rounds"]
+    assert 0 < first["epsilon_max"] < last["epsilon_max"] <= 2.0 * (1 + 1e-6)
+    assert last["epsilon_max"] == pytest.approx(2.0, rel=0.02)  # every client trained twice
+    assert last["epsilon_median"] <= last["epsilon_max"] == last["epsilon_max_run"]
+    assert len(last["client_epsilons"]) == 20 and last["budget_refusals"] == 0
+    assert "train_loss" not in last  # a private client does not report its loss
+
+    # A third round would pass the target: each client, whose accountant was kept on
+    # disk for the resumed run, refuses; the server counts the refusals and goes on.
+    resumed = simulate("smoke", {**overrides, "num-server-rounds": 3, "resume": True}, stream=False)
+    third = resumed["rounds"][2]
+    assert third["budget_refusals"] == 20 and "epsilon_max" not in third
+    assert third["epsilon_max_run"] == last["epsilon_max_run"]

@@ -16,9 +16,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, create_accountant
@@ -78,7 +79,7 @@ class AccountantState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AccountantState":
+    def from_dict(cls, data: Mapping[str, Any]) -> AccountantState:
         """Inverse of :meth:`to_dict`."""
         if data.get("format", _FORMAT) != _FORMAT:
             raise ValueError(f"unsupported accountant state format {data.get('format')!r}")
@@ -101,7 +102,7 @@ class AccountantState:
         )
 
     @classmethod
-    def from_config_record(cls, record: ConfigRecord) -> "AccountantState":
+    def from_config_record(cls, record: ConfigRecord) -> AccountantState:
         """Inverse of :meth:`to_config_record`."""
         sigmas, rates, steps = record["noise-multipliers"], record["sample-rates"], record["steps"]
         if not len(sigmas) == len(rates) == len(steps):
@@ -128,7 +129,7 @@ class AccountantState:
             raise
 
     @classmethod
-    def load(cls, path: Path) -> "AccountantState":
+    def load(cls, path: Path) -> AccountantState:
         """Read a state written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 

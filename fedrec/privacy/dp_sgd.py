@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -101,6 +102,13 @@ class EmptySafeCollate:
         return _empty_like_batch(self.empty)
 
 
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on ``device``, seeded from OS entropy unless ``seed`` is given."""
+    if seed is None:
+        seed = secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def poisson_sample_rate(loader: DataLoader) -> float:
     """The sample rate Opacus' ``make_private`` will use for ``loader``: 1 / len(loader)."""
     return 1.0 / len(loader)
@@ -113,8 +121,15 @@ def make_private(
     config: PrivacyConfig,
     noise_multiplier: float,
     state: AccountantState,
+    seed: int | None = None,
 ) -> tuple[GradSampleModule, DPOptimizer, DataLoader, PrivacyEngine]:
     """Wrap the training objects for DP-SGD, continuing the client's accountant.
+
+    The Poisson sampling of batches and the Gaussian noise draw from generators
+    seeded from the operating system's entropy (``seed=None``, the default), so
+    that nobody who knows the run's seeds (the server does) can predict which
+    examples were sampled or subtract the noise; both would void the guarantee.
+    An integer ``seed`` makes them reproducible: for tests only.
 
     ``noise_multiplier`` is ``config.noise_multiplier`` or a planned one (see
     :func:`fedrec.privacy.accounting.plan_noise_multiplier`). The loss must be a
@@ -130,12 +145,15 @@ def make_private(
         raise ValueError(f"the model is not compatible with Opacus: {errors}")
     check_trainable_adapters(model)
 
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    loader.generator = _generator(torch.device("cpu"), seed)
     engine = PrivacyEngine(accountant=config.accountant)
     restore(engine.accountant, state)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
+        noise_generator=_generator(device, None if seed is None else seed + 1),
         noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm,
         poisson_sampling=True,

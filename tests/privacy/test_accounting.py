@@ -6,7 +6,7 @@ import math
 import pytest
 from flwr.app import ConfigRecord
 
-from fedrec.config import ConfigError
+from fedrec.errors import ConfigError
 from fedrec.privacy.accounting import (
     AccountantState,
     delta_for,

@@ -99,7 +99,7 @@ def test_private_rounds_train_adapters_and_accumulate_epsilon(recommender, table
     assert_clean(recommender)
 
 
-def test_first_poisson_batch_empty_gives_a_dict_that_is_skipped(recommender, table, sequences):
+def test_empty_poisson_batches_are_accounted_noise_only_steps(recommender, table, sequences):
     data = dataset(table, sequences)
     train = TrainConfig(max_steps=0, batch_size=1, lr=1e-2)  # sample rate 1/12: many empty batches
 
@@ -111,17 +111,24 @@ def test_first_poisson_batch_empty_gives_a_dict_that_is_skipped(recommender, tab
     seed = next(s for s in range(200) if first_batch_is_empty(s))
     loader = make_loader(data, 1, seed)
     model, optimizer, private_loader, engine = make_private(
-        recommender, make_optimizer(recommender, train), loader, CONFIG, 1.0, AccountantState()
+        recommender, make_optimizer(recommender, train), loader, CONFIG, 1.0, AccountantState(),
+        seed=seed,
     )
     batches = list(private_loader)
     assert batches[0]["user_ids"].shape[0] == 0
     assert all(set(b) == {"user_ids", "user_mask", "item_ids", "item_mask"} for b in batches)
     assert all(b["item_ids"].shape[1:] == (4, 12) for b in batches)
 
+    before = adapter_state(recommender.encoder)
+    first_only = TrainConfig(max_steps=1, batch_size=1, lr=1e-2)
+    assert train_local(model, private_loader, optimizer, first_only, CPU).examples == 0
+    noised = adapter_state(recommender.encoder)
+    assert any(not torch.equal(noised[k], before[k]) for k in before)  # noise, no examples
+
     result = train_local(model, private_loader, optimizer, train, CPU)
     detach_private(model)
-    assert 0 < result.steps < len(private_loader)  # empty batches skipped, no crash
-    assert state_after(engine, AccountantState()).steps == result.steps
+    assert result.steps == len(private_loader)  # empty batches count as steps
+    assert state_after(engine, AccountantState()).steps == 1 + result.steps
 
 
 def test_empty_safe_collate_before_any_batch(table, sequences):
@@ -168,3 +175,23 @@ def test_detach_also_clears_what_opacus_own_unwrapping_leaves(recommender, table
     model(batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"])
     assert detach_private(model) is recommender
     assert_clean(recommender)
+
+
+def test_sampling_and_noise_are_unpredictable_from_the_run_seed(recommender, table, sequences):
+    """Without a test seed, the same loader seed gives different batches and noise."""
+    data = dataset(table, sequences)
+    train = TrainConfig(max_steps=1, batch_size=4, lr=1e-2)
+    drawn, noised = [], []
+    for _ in range(2):
+        start = adapter_state(recommender.encoder)
+        model, optimizer, private_loader, _ = make_private(
+            recommender, make_optimizer(recommender, train), make_loader(data, 4, 0),
+            CONFIG, 1.0, AccountantState(),
+        )
+        drawn.append([b["user_ids"].sum().item() for b in private_loader])
+        train_local(model, private_loader, optimizer, train, CPU)
+        detach_private(model)
+        after = adapter_state(recommender.encoder)
+        noised.append(torch.cat([(after[k] - start[k]).flatten() for k in start]))
+    assert drawn[0] != drawn[1]
+    assert not torch.allclose(noised[0], noised[1])
