@@ -14,10 +14,19 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 
 # MetricRecord keys the clients send back.
-NUM_EXAMPLES = "num-examples"  # FedAvg weights by this key
+NUM_EXAMPLES = "num-examples"  # FedAvg weights by this key (unless user-level DP is on)
+EQUAL_WEIGHT = "equal-weight"  # set to 1 by the server under user-level DP: equal weights
 TRAIN_LOSS = "train_loss"
 TRAIN_STEPS = "train_steps"
 BYTES_UP = "bytes_up"
+PARTITION_ID = "partition-id"
+EPSILON = "epsilon"  # a private client's total epsilon over all its rounds, at DELTA
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+
+# Record-level DP on clients (DP-SGD).
+DP_STATE = "fedrec-dp-accountant"  # context.state key of a client's accountant history
+BUDGET_EXHAUSTED = 4031  # Error code of the reply of a client that refuses to train
 
 # Per-round keys of metrics.json.
 ROUND = "round"
@@ -27,9 +36,26 @@ BYTES_DOWN_PER_CLIENT = "bytes_down_per_client"
 CLIENTS = "clients"
 FAILURES = "failures"
 FEDERATED_PREFIX = "federated_"  # on-client evaluation, averaged over clients
+EPSILON_MAX = "epsilon_max"  # over this round's private clients
+EPSILON_MEDIAN = "epsilon_median"
+EPSILON_MAX_RUN = "epsilon_max_run"  # over every client that trained so far in the run
+CLIENT_EPSILONS = "client_epsilons"  # {partition id: epsilon} of this round's clients
+BUDGET_REFUSALS = "budget_refusals"  # clients that refused: their budget was spent
+USER_EPSILON = "user_epsilon"  # user-level DP so far, Poisson-sampling amplification
+USER_EPSILON_UNAMPLIFIED = "user_epsilon_unamplified"  # the same without amplification
+USER_DELTA = "user_delta"
+USER_CLIPPING_NORM = "user_clipping_norm"  # the clipping norm of this round's updates
+
+
+# Secure aggregation (SecAgg+), which runs Flower's legacy "fit" workflow.
+ADAPTER_KEYS = "adapter-keys"  # fit-config key: adapter names, in the order of the arrays
+LEGACY_FIT_ARRAYS = "fitins.parameters"  # Flower's legacy fit layout (flwr.compat recorddict_compat)
+FIT_SECONDS = "fit_seconds"  # per-round: from the first instruction sent to the aggregate
+SECAGG_ERROR_BOUND = "secagg_error_bound"  # per-round: max quantization error per adapter value
 
 
 def metric_name(metric: str, k: int | None = None, full: bool = False) -> str:
     """Name of a ranking metric, e.g. ``hr@10`` (sampled) or ``ndcg@10_full``."""
     name = metric if k is None else f"{metric}@{k}"
     return f"{name}_full" if full else name
+

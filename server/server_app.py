@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec import records
 from fedrec.checkpoint import latest_checkpoint
 from fedrec.client_data import num_partitions_for
-from fedrec.config import FedRecConfig, load_config, to_run_config
+from fedrec.config import ConfigError, FedRecConfig, load_config, to_run_config
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.logs import setup_logging
@@ -21,6 +21,7 @@ from fedrec.prepare import prepare
 from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from server.strategy import FedRecAvg
+from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
 
 log = logging.getLogger("fedrec.server")
 
@@ -50,6 +51,8 @@ def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tu
     record.baselines["popularity"] = evaluate_scorer(
         popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users
     )
+    log.info("Pretrained model before any round (zero-shot) ...")
+    record.baselines["pretrained"] = model.evaluate("test")
     return record, 0
 
 
@@ -64,6 +67,8 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:
         num_partitions_for(config, prepared, num_nodes)
+    elif config.user_dp.enabled:
+        raise ConfigError("setting 'user-dp.mode': user-level DP needs the number of clients at start")
     model = GlobalModel(config, prepared)
     record, start_round = _start_record(config, model, out_dir)
     record.write(out_dir)
@@ -83,6 +88,11 @@ def main(grid: Grid, context: Context) -> None:
         configrecord_key=records.CONFIG,
         round_offset=start_round,
     )
+    for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
+        strategy.epsilons.latest.update(
+            {int(k): v for k, v in earlier.get(records.CLIENT_EPSILONS, {}).items()}
+        )
+    runner = wrap_strategy(strategy, config.user_dp, clients_per_round(strategy, num_nodes))
     clock = {"start": time.monotonic()}
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -92,22 +102,32 @@ def main(grid: Grid, context: Context) -> None:
         model.set_adapters(arrays.to_torch_state_dict())
         model.checkpoint(out_dir, current)
         metrics = model.evaluate("test")
-        values = {records.ROUND: current, **strategy.last_round, **metrics}
+        values = {
+            records.ROUND: current,
+            **strategy.last_round,
+            **user_dp_metrics(runner, config.user_dp, current, num_nodes),
+            **metrics,
+        }
         values[records.SECONDS] = time.monotonic() - clock["start"]
         clock["start"] = time.monotonic()
         record.add_round(values)
         record.write(out_dir)
         log.info(
-            "round %d/%d  loss %.4f  %s  (%.1fs)",
+            "round %d/%d  loss %.4f  %s%s  (%.1fs)",
             current,
             total,
             values.get(records.TRAIN_LOSS, float("nan")),
             "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY_METRICS),
+            "".join(
+                f"  {k} {values[k]:.4f}"
+                for k in (records.EPSILON_MAX, records.EPSILON_MAX_RUN, records.USER_EPSILON)
+                if k in values
+            ),
             values[records.SECONDS],
         )
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    strategy.start(
+    runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.adapters()),
         num_rounds=total - start_round,

@@ -8,22 +8,37 @@
   the aggregate;
 * bytes sent down and up per client are counted each round;
 * a round offset, so a resumed run continues its round numbers;
-* on-client (federated) evaluation metrics kept as ``federated_<metric>``.
+* on-client (federated) evaluation metrics kept as ``federated_<metric>``;
+* the record-level epsilon of private clients (maximum, median, run maximum)
+  and budget refusals, per round (:class:`server.privacy_report.EpsilonLedger`);
+* under user-level DP (:meth:`FedRecAvg.use_user_dp`, called by
+  ``server.user_dp.wrap_strategy``), equal weights and a fixed denominator, so
+  that the noise Flower's DP wrappers add matches one client's true influence.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedrec import records
 from fedrec.model.adapters import AdapterStateError, check_adapter_state
+from server.privacy_report import EpsilonLedger
 
 log = logging.getLogger("fedrec.server.strategy")
+
+NOT_AVERAGED = (records.EPSILON, records.DELTA, records.NOISE_MULTIPLIER, records.PARTITION_ID)
+"""Client metrics whose average means nothing; epsilons are summarised by EpsilonLedger."""
+
+CLIP_TOLERANCE = 1e-3
+"""Relative slack on the clipping norm when checking clipped client updates (float32)."""
 
 
 class FedRecAvg(FedAvg):
@@ -33,15 +48,46 @@ class FedRecAvg(FedAvg):
         super().__init__(*args, **kwargs)
         self.round_offset = round_offset
         self.last_round: dict[str, float] = {}
+        self.user_dp_clients = 0
+        """0, or the clients per round that user-level DP noise is calibrated for."""
         self._global = None
+        self.epsilons = EpsilonLedger()
+        self._clipping_norm_sent: float | None = None
+
+    def use_user_dp(self, num_sampled_clients: int) -> None:
+        """Aggregate as user-level DP (DP-FedAvg) needs, from now on.
+
+        Flower's DP wrappers add noise of std ``z * C / m`` to the average of the
+        m sampled clients' clipped updates: calibrated for one client moving that
+        average by at most ``C / m``. So that this holds:
+
+        * every update weighs the same (weighted by num-examples, one client
+          could move the average by up to ``C * w_i / sum(w)``);
+        * rejected or missing replies count as zero updates and the sum of the
+          updates is divided by m, not by the replies received;
+        * when the wrapper sends clients a clipping norm (client-side modes), an
+          update longer than it is rejected (counted as zero).
+        """
+        if num_sampled_clients < 1:
+            raise ValueError(f"num_sampled_clients must be >= 1, got {num_sampled_clients}")
+        self.user_dp_clients = num_sampled_clients
+        self.weighted_by_key = records.EQUAL_WEIGHT
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        clipping_norm = config.get(KEY_CLIPPING_NORM) if self.user_dp_clients else None
+        self._clipping_norm_sent = None if clipping_norm is None else float(clipping_norm)
         messages = list(
             super().configure_train(server_round + self.round_offset, arrays, config, grid)
         )
+        if self.user_dp_clients and len(messages) != self.user_dp_clients:
+            log.warning(
+                "Sampled %d clients, but user-level DP is calibrated and accounted for %d",
+                len(messages),
+                self.user_dp_clients,
+            )
         self.last_round = {
             records.CLIENTS: float(len(messages)),
             records.BYTES_DOWN_PER_CLIENT: float(arrays.count_bytes()),
@@ -54,12 +100,29 @@ class FedRecAvg(FedAvg):
         try:
             received = message.content[self.arrayrecord_key].to_torch_state_dict()
             check_adapter_state(self._global, received)
+            if self._clipping_norm_sent is not None:
+                self._check_clipped(received)
         except (AdapterStateError, KeyError, ValueError, TypeError) as err:
             log.warning(
                 "Rejected the update of node %s: %s", message.metadata.src_node_id, err
             )
             return False
         return True
+
+    def _check_clipped(self, received: dict) -> None:
+        """Raise ValueError unless the update is within the clipping norm sent to clients."""
+        norm = math.sqrt(
+            sum(
+                float((received[k].double() - g.double()).square().sum())
+                for k, g in self._global.items()
+            )
+        )
+        if norm > self._clipping_norm_sent * (1 + CLIP_TOLERANCE):
+            raise ValueError(
+                f"update norm {norm:.6g} exceeds the clipping norm "
+                f"{self._clipping_norm_sent:.6g} sent to clients; is "
+                "clients.mods.user_dp_clipping_mod among the ClientApp's train mods?"
+            )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -71,10 +134,29 @@ class FedRecAvg(FedAvg):
             sum(m.content[self.arrayrecord_key].count_bytes() for m in ok) / len(ok) if ok else 0.0
         )
         self.last_round[records.FAILURES] = float(len(replies) - len(ok))
+        self.last_round.update(self.epsilons.round_report(replies))
+        if self.user_dp_clients:
+            for message in ok:
+                for record in message.content.metric_records.values():
+                    record[records.EQUAL_WEIGHT] = 1
         arrays, metrics = super().aggregate_train(server_round, valid)
+        if arrays is not None and self.user_dp_clients:
+            arrays = self._divide_by_sampled(arrays, len(ok))
         if metrics is not None:
-            self.last_round.update({k: float(v) for k, v in metrics.items()})
+            self.last_round.update(
+                {k: float(v) for k, v in metrics.items() if k not in NOT_AVERAGED}
+            )
         return arrays, metrics
+
+    def _divide_by_sampled(self, mean: ArrayRecord, count: int) -> ArrayRecord:
+        """The global adapters plus the sum of ``count`` updates over max(m, count)."""
+        scale = count / max(self.user_dp_clients, count)
+        if scale == 1:
+            return mean
+        averaged = mean.to_torch_state_dict()
+        return ArrayRecord(
+            OrderedDict((k, g + (averaged[k] - g) * scale) for k, g in self._global.items())
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

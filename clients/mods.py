@@ -1,0 +1,47 @@
+"""ClientApp mods: clip the adapter update for user-level DP when the server asks for it.
+
+Flower's client-side DP wrappers (``user-dp.mode`` client-fixed, client-adaptive;
+see server/user_dp.py) put a clipping norm in every train message's config and
+expect the client to clip its update (``reply - received``) to it, which
+Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod`` do. Those mods fail a
+message without the clipping norm, and the ClientApp's mods are fixed when it
+is built, while a run may have user-level DP off or clipped on the server.
+:func:`user_dp_clipping_mod` therefore applies Flower's mod only to train
+messages that carry the clipping norm, and passes every other message through.
+
+Put it last among the train mods (nearest the train function), so that it clips
+the update before any other mod (SecAgg+ masking, say) changes it::
+
+    @app.train(mods=[user_dp_clipping_mod])
+    def train(msg, context): ...
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedrec.config import load_config
+
+
+def asks_for_clipping(msg: Message) -> bool:
+    """Whether ``msg`` is a train message with the clipping norm of a client-side DP wrapper."""
+    is_train = msg.metadata.message_type.split(".")[0] == MessageType.TRAIN
+    return is_train and any(
+        KEY_CLIPPING_NORM in config for config in msg.content.config_records.values()
+    )
+
+
+def user_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's clipping mod for ``user-dp.mode`` when the server sent a clipping norm.
+
+    client-adaptive uses ``adaptiveclipping_mod`` (it also reports whether the
+    update was clipped); any other mode ``fixedclipping_mod``.
+    """
+    if not asks_for_clipping(msg):
+        return call_next(msg, context)
+    if load_config(context.run_config).user_dp.mode == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    return fixedclipping_mod(msg, context, call_next)
