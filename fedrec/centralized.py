@@ -41,7 +41,7 @@ class _Endless:
         self.loader = loader
         self.current = iter(loader)
 
-    def __iter__(self) -> "_Endless":
+    def __iter__(self) -> _Endless:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -15,15 +15,32 @@ from fedrec.logs import setup_logging
 log = logging.getLogger("fedrec")
 
 SUMMARY = ("train_loss", "hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full", "bytes_up_per_client", "seconds")
+PRIVACY_SUMMARY = ("epsilon_max", "epsilon_median", "epsilon_max_run", "user_epsilon")
+
+
+def _cell(value: object, width: int) -> str:
+    return f"{value:>{width}.4f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
 def _summary_table(results: dict) -> str:
-    rows = [" ".join(f"{h:>19}" for h in ("round", *SUMMARY))]
-    for r in results["rounds"]:
-        rows.append(" ".join(f"{r.get(k, float('nan')):>19.4f}" if k != "round" else f"{int(r[k]):>19d}" for k in ("round", *SUMMARY)))
-    pop = results.get("baselines", {}).get("popularity")
-    if pop:
-        rows.append("popularity baseline: " + "  ".join(f"{k} {pop[k]:.4f}" for k in SUMMARY[1:5]))
+    """Per-round figures (and the clients' epsilon when DP is on), then the baselines."""
+    rounds = results["rounds"]
+    privacy = [k for k in PRIVACY_SUMMARY if any(k in r for r in rounds)]
+    columns = (*SUMMARY, *privacy)
+    widths = [max(12, len(c)) for c in columns]
+    rows = [f"{'round':>5} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    for r in rounds:
+        cells = (_cell(r.get(c), w) for c, w in zip(columns, widths))
+        rows.append(f"{int(r['round']):>5} " + " ".join(cells))
+    for name, baseline in results.get("baselines", {}).items():
+        rows.append(f"{name} baseline: " + "  ".join(f"{k} {baseline[k]:.4f}" for k in SUMMARY[1:5]))
+    if privacy:
+        last = rounds[-1]
+        rows.append(
+            "privacy: record-level epsilon of the most-spent client so far "
+            f"{last.get('epsilon_max_run', float('nan')):.4f}"
+            + (f"; user-level epsilon {last['user_epsilon']:.4f}" if "user_epsilon" in last else "")
+        )
     return "\n".join(rows)
 
 
@@ -62,6 +79,18 @@ def _centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from simulations.runner import parse_overrides
+    from simulations.sweep import format_table, parse_grid, run_sweep
+
+    grid = parse_grid(args.epsilons, args.modes, args.schemes, args.seeds)
+    out = Path(args.out or "runs/sweep")
+    rows = run_sweep(args.preset, out, grid, parse_overrides(args.run_config), audit=args.audit)
+    print(format_table(rows))
+    print(f"table: {out / 'sweep.csv'}  plot: {out / 'utility_vs_epsilon.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--steps", type=int, default=200, help="optimizer steps")
     central.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     central.set_defaults(func=_centralized)
+    sweep = sub.add_parser("sweep", help="utility against privacy budget: a grid of simulations")
+    common(sweep)
+    sweep.add_argument("--epsilons", default="1,4,8,inf", help="target epsilons; inf: no DP (default: %(default)s)")
+    sweep.add_argument("--modes", default="record", help="record and/or user level DP (default: %(default)s)")
+    sweep.add_argument("--schemes", default="lora", help="lora and/or ffa (FFA-LoRA) (default: %(default)s)")
+    sweep.add_argument("--seeds", default="0", help="run seeds (default: %(default)s)")
+    sweep.add_argument("--audit", action="store_true", help="membership-inference audit of each cell")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 

@@ -10,7 +10,7 @@ popularity baseline and any other baseline go through exactly the same code.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ from fedrec.metrics import ranking_metrics, target_ranks
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
 from fedrec.tokens import TokenTable, history_tokens
-
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """Maps user indices [u] to scores over all items [u, I]."""

@@ -9,8 +9,8 @@ drawn per example from the client's own seeded generator.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -16,7 +16,6 @@ from fedrec.prepare import PreparedData
 from fedrec.runtime import select_device
 
 
-
 class GlobalModel:
     """Builds the recommender once; evaluates and checkpoints given adapters."""
 
@@ -27,7 +26,7 @@ class GlobalModel:
         self.model = build_recommender(config.model, config.lora).to(self.device)
         self.table = token_table(prepared, config.model)
 
-    def adapters(self) -> "OrderedDict[str, torch.Tensor]":
+    def adapters(self) -> OrderedDict[str, torch.Tensor]:
         """The current adapter state dict."""
         return adapter_state(self.model.encoder)
 

@@ -199,7 +199,7 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
             "dataset": raw.name,
             "num_users": len(users),
             "num_items": len(items),
-            "num_train": int(len(train)),
+            "num_train": len(train),
             "settings": {k: v for k, v in asdict(data).items() if k != "cache_dir"},
             "eval_negatives": evaluation.num_negatives,
             "eval_seed": evaluation.seed,

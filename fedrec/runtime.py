@@ -9,7 +9,6 @@ import torch
 from fedrec.config import RuntimeConfig
 
 
-
 def select_device(config: RuntimeConfig) -> torch.device:
     """CUDA when asked for or available (``auto``), else CPU."""
     if config.device == "cuda" and not torch.cuda.is_available():

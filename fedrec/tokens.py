@@ -7,9 +7,9 @@ title tokens without calling the tokenizer again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -46,7 +46,7 @@ class TokenTable:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "TokenTable":
+    def load(cls, path: Path) -> TokenTable:
         """Read a table written by :meth:`save`."""
         with np.load(path) as data:
             lengths = data["title_lengths"]

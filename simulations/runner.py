@@ -15,12 +15,13 @@ import logging
 import os
 import subprocess
 import sys
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import psutil
+import tomllib
 import torch
 from flwr.common.config import parse_config_args
 
@@ -190,7 +191,13 @@ def simulate(
     running_before = {p.pid for p in _local_superlinks()}
     log.info("%d virtual clients, %s; running: %s", num_clients, resources, " ".join(command))
     try:
-        completed = subprocess.run(command, env=env, check=False)
+        if stream:
+            completed = subprocess.run(command, env=env, check=False)
+        else:  # Flower's log goes to OUT/flwr.log, where the error below points
+            with (out / "flwr.log").open("w") as flwr_log:
+                completed = subprocess.run(
+                    command, env=env, check=False, stdout=flwr_log, stderr=subprocess.STDOUT
+                )
     finally:
         if not keep_superlink:
             stop_superlinks([p for p in _local_superlinks() if p.pid not in running_before])

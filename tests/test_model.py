@@ -102,3 +102,23 @@ def test_trimming_padding_changes_no_embedding(recommender, table):
         padded = torch.cat([ids, torch.zeros(4, 20, dtype=torch.long)], 1)
         padded_mask = torch.cat([mask, torch.zeros(4, 20, dtype=torch.long)], 1)
         assert torch.allclose(recommender.embed(padded, padded_mask), trimmed, atol=1e-6)
+
+
+def test_ffa_lora_trains_and_sends_only_b_and_averages_exactly(table, sequences):
+    settings = LoraSettings(r=2, alpha=4, freeze_a=True)
+    model = build_recommender(TINY, settings)
+    full = build_recommender(TINY, LoraSettings(r=2, alpha=4))
+    sent = adapter_state(model.encoder)
+    assert sent and all("lora_B" in k for k in sent)
+    assert len(sent) * 2 == len(adapter_state(full.encoder))
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    updates = []
+    for seed in (0, 1):
+        load_adapter_state(model.encoder, sent)
+        data = NextItemDataset(build_examples(sequences, 5), table, 3, 24, seed=seed)
+        train = TrainConfig(max_steps=2, batch_size=4, lr=5e-2)
+        train_local(model, make_loader(data, 4, seed), make_optimizer(model, train), train, torch.device("cpu"))
+        updates.append(adapter_state(model.encoder))
+    assert all(torch.equal(p, a_before[n]) for n, p in model.named_parameters() if n in a_before)
+    assert any(not torch.equal(updates[0][k], sent[k]) for k in sent)

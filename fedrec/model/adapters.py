@@ -6,8 +6,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from transformers import PreTrainedModel
 
 from fedrec.config import LoraSettings
@@ -33,24 +38,36 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap the encoder with LoRA adapters; every base weight is frozen.
 
     The adapters are initialised from a fixed seed so that all parties start from
-    the same global adapter.
+    the same global adapter. With ``settings.freeze_a`` (FFA-LoRA, Sun et al. 2024)
+    only the ``lora_B`` matrices are trainable: every party keeps the same seeded
+    ``lora_A``, so averaging the B matrices averages the products B·A exactly.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = get_peft_model(encoder, lora_config(settings))
+    trainable = "lora_B" if settings.freeze_a else "lora_"
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
+        param.requires_grad = trainable in name
     return model
 
 
-def adapter_state(model: PeftModel) -> "OrderedDict[str, torch.Tensor]":
-    """The adapter weights, detached on CPU, keyed as PEFT saves them."""
+def _a_is_frozen(model: PeftModel) -> bool:
+    return not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+    """The trainable adapter weights, detached on CPU, keyed as PEFT saves them.
+
+    Under FFA-LoRA (frozen ``lora_A``) only the ``lora_B`` weights: what travels.
+    """
     state = get_peft_model_state_dict(model)
+    if _a_is_frozen(model):
+        state = {k: v for k, v in state.items() if "lora_A" not in k}
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
 
 
 def check_adapter_state(
-    expected: "OrderedDict[str, torch.Tensor]", received: dict[str, torch.Tensor]
+    expected: OrderedDict[str, torch.Tensor], received: dict[str, torch.Tensor]
 ) -> None:
     """Raise :class:`AdapterStateError` unless keys, shapes and values are sane."""
     missing = sorted(set(expected) - set(received))
@@ -87,7 +104,9 @@ def load_saved_adapter(model: PeftModel, folder: Path) -> None:
     weights = Path(folder) / "adapter_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no adapter weights at {weights}")
-    load_adapter_state(model, load_file(str(weights)))
+    saved = load_file(str(weights))
+    # a checkpoint holds every adapter; under FFA-LoRA lora_A is fixed and not loaded
+    load_adapter_state(model, {k: v for k, v in saved.items() if k in adapter_state(model)})
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -35,13 +35,13 @@ def cached_recommender(model: ModelConfig, lora: LoraSettings) -> TwoTowerRecomm
     return build_recommender(model, lora)
 
 
-def token_table_path(prepared: "PreparedData", model: ModelConfig) -> Path:
+def token_table_path(prepared: PreparedData, model: ModelConfig) -> Path:
     """Cache file of the token table for this dataset and tokenizer."""
     key = hashlib.sha256(f"{model.name}|{model.max_item_tokens}".encode()).hexdigest()[:10]
     return prepared.root / f"tokens-{key}.npz"
 
 
-def token_table(prepared: "PreparedData", model: ModelConfig) -> TokenTable:
+def token_table(prepared: PreparedData, model: ModelConfig) -> TokenTable:
     """The dataset's token table, tokenized once and cached beside the prepared data."""
     path = token_table_path(prepared, model)
     if not path.exists():

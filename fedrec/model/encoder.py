@@ -6,7 +6,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
