@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,12 @@ from fedrec.privacy.accounting import AccountantState, restore
 from fedrec.privacy.config import PrivacyConfig
 
 log = logging.getLogger(__name__)
+
+# Opacus warns that secure_mode is off; fedrec seeds its sampling and noise from
+# OS entropy instead (see make_private), so the warning would only mislead. The
+# backward-hook warning fires because the frozen encoder's inputs need no grad.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
 # Attributes Opacus sets on parameters (GradSampleModule, DPOptimizer) and on
 # hooked submodules; detach_private removes any left over.
