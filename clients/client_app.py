@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from clients.mods import user_dp_clipping_mod
 from clients.privacy_state import load_accountant, save_accountant
+from clients.secure_aggregation import SECAGG_MODS
 from fedrec import records
 from fedrec.client_data import load_client_data
 from fedrec.config import load_config
@@ -22,7 +23,7 @@ log = logging.getLogger("fedrec.client")
 app = ClientApp()
 
 
-@app.train(mods=[user_dp_clipping_mod])
+@app.train(mods=[*SECAGG_MODS, user_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Set the global adapters, train locally, reply with adapters and metrics.
 

@@ -20,6 +20,7 @@ from fedrec.model.adapters import load_saved_adapter
 from fedrec.prepare import prepare
 from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
+from server.secure_aggregation import SecAggFedRec
 from server.strategy import FedRecAvg
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
 
@@ -77,22 +78,29 @@ def main(grid: Grid, context: Context) -> None:
         log.info("All %d rounds already done in %s", total, out_dir)
         return
 
-    strategy = FedRecAvg(
-        fraction_train=config.federation.fraction_train,
-        fraction_evaluate=config.federation.fraction_evaluate,
-        min_train_nodes=config.federation.min_train_nodes,
-        min_evaluate_nodes=config.federation.min_train_nodes if config.federation.fraction_evaluate else 0,
-        min_available_nodes=config.federation.min_train_nodes,
-        weighted_by_key=records.NUM_EXAMPLES,
-        arrayrecord_key=records.ARRAYS,
-        configrecord_key=records.CONFIG,
-        round_offset=start_round,
-    )
+    if config.secagg.enabled:
+        strategy = SecAggFedRec(config, context, round_offset=start_round)
+    else:
+        strategy = FedRecAvg(
+            fraction_train=config.federation.fraction_train,
+            fraction_evaluate=config.federation.fraction_evaluate,
+            min_train_nodes=config.federation.min_train_nodes,
+            min_evaluate_nodes=config.federation.min_train_nodes if config.federation.fraction_evaluate else 0,
+            min_available_nodes=config.federation.min_train_nodes,
+            weighted_by_key=records.NUM_EXAMPLES,
+            arrayrecord_key=records.ARRAYS,
+            configrecord_key=records.CONFIG,
+            round_offset=start_round,
+        )
     for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
         strategy.epsilons.latest.update(
             {int(k): v for k, v in earlier.get(records.CLIENT_EPSILONS, {}).items()}
         )
-    runner = wrap_strategy(strategy, config.user_dp, clients_per_round(strategy, num_nodes))
+    runner = (  # SecAgg+ refuses user-level DP: its modes need the individual updates
+        strategy
+        if config.secagg.enabled
+        else wrap_strategy(strategy, config.user_dp, clients_per_round(strategy, num_nodes))
+    )
     clock = {"start": time.monotonic()}
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

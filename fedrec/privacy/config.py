@@ -146,7 +146,7 @@ class SecAggConfig:
     enabled: bool = False
     """``secagg.enabled``: aggregate the adapters with SecAgg+."""
     num_shares: float = 3.0
-    """``secagg.num-shares``: shares of each client's key (a number >= 2, or a fraction
+    """``secagg.num-shares``: shares of each client's key (a number >= 3, or a fraction
     in (0, 1] of the round's clients)."""
     reconstruction_threshold: float = 2.0
     """``secagg.reconstruction-threshold``: shares needed to recover a dropped client's
@@ -164,16 +164,16 @@ class SecAggConfig:
         _check(isinstance(self.enabled, bool), "secagg.enabled", "expected true/false")
         _check(
             _finite(self.num_shares)
-            and (self.num_shares >= 2 or 0 < self.num_shares <= 1),
+            and (self.num_shares >= 3 or 0 < self.num_shares <= 1),
             "secagg.num-shares",
-            "must be >= 2 shares or a fraction in (0, 1]",
+            "must be >= 3 shares (Flower's SecAgg+ needs more than 2) or a fraction in (0, 1]",
         )
         _check(
             _finite(self.reconstruction_threshold) and self.reconstruction_threshold > 0,
             "secagg.reconstruction-threshold",
             "must be > 0",
         )
-        if self.num_shares >= 2 and self.reconstruction_threshold >= 1:
+        if self.num_shares >= 3 and self.reconstruction_threshold >= 1:
             _check(
                 self.reconstruction_threshold <= self.num_shares,
                 "secagg.reconstruction-threshold",
