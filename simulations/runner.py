@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
-import tomllib
 import torch
 from flwr.common.config import parse_config_args
 
@@ -36,6 +37,9 @@ log = logging.getLogger("fedrec.simulations")
 PRESETS_DIR = Path(__file__).parent / "presets"
 APP_DIR = Path(__file__).resolve().parent.parent
 LOCAL_SUPERLINK_FLAG = "--simulation"
+# Flower's local SuperLink reads its ports from these (flwr/cli/constant.py).
+SUPERLINK_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
 
 
 class SimulationError(RuntimeError):
@@ -125,11 +129,21 @@ def _toml_value(value: RunConfigValue) -> str:
     return repr(value)
 
 
-def _local_superlinks() -> list[psutil.Process]:
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _local_superlinks(port: str | None = None) -> list[psutil.Process]:
+    """Local (simulation) SuperLinks started by `flwr run`; only the one on ``port`` if given."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if any(c.endswith("flower-superlink") for c in cmd[:2]) and LOCAL_SUPERLINK_FLAG in cmd:
+        if not (any(c.endswith("flower-superlink") for c in cmd[:2]) and LOCAL_SUPERLINK_FLAG in cmd):
+            continue
+        if port is None or ("--port" in cmd and cmd[cmd.index("--port") + 1] == port):
             found.append(proc)
     return found
 
@@ -188,7 +202,12 @@ def simulate(
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    running_before = {p.pid for p in _local_superlinks()}
+    # Each call gets its own local SuperLink on free ports, so concurrent simulations
+    # (a sweep beside a long run) never share one, and stopping ours stops no other.
+    port = env.get(SUPERLINK_PORT_ENV) or str(_free_port())
+    env[SUPERLINK_PORT_ENV] = port
+    env.setdefault(CONTROL_PORT_ENV, str(_free_port()))
+    running_before = {p.pid for p in _local_superlinks(port)}
     log.info("%d virtual clients, %s; running: %s", num_clients, resources, " ".join(command))
     try:
         if stream:
@@ -200,7 +219,7 @@ def simulate(
                 )
     finally:
         if not keep_superlink:
-            stop_superlinks([p for p in _local_superlinks() if p.pid not in running_before])
+            stop_superlinks([p for p in _local_superlinks(port) if p.pid not in running_before])
     metrics_path = out / METRICS_FILE
     if completed.returncode != 0 or not metrics_path.exists():
         raise SimulationError(
