@@ -130,7 +130,7 @@ class LoraSettings:
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(bool(self.target_module_list), "lora.target-modules", "must name a module")
         try:
-            self.layer_list
+            _ = self.layer_list  # parses; a bad value raises here
         except ValueError as err:
             raise ConfigError(f"setting 'lora.layers': {err}") from err
 

@@ -67,3 +67,15 @@ def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, 
     third = resumed["rounds"][2]
     assert third["budget_refusals"] == 20 and "epsilon_max" not in third
     assert third["epsilon_max_run"] == last["epsilon_max_run"]
+
+
+def test_secure_aggregation_through_flwr_run(tmp_path, flwr_home):
+    """SecAgg+ via `flwr run`: rounds complete, uploads are masked integers (twice the bytes)."""
+    overrides = toy_run_config(tmp_path, **{"secagg.enabled": True})
+    results = simulate("smoke", overrides, stream=False)
+    plain_bytes = results["model"]["adapter_wire_bytes"]
+    for record in results["rounds"]:
+        assert record["clients"] == 5 and record["failures"] == 0
+        assert record["train_loss"] > 0
+        assert 1.8 * plain_bytes < record["bytes_up_per_client"] < 2.2 * plain_bytes
+        assert record["secagg_error_bound"] < 1e-3

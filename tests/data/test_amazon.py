@@ -41,14 +41,14 @@ def test_legacy_schema_with_python_literal_meta(tmp_path):
                     "categories": [["Books", "Sci-Fi"], ["Books", "Classics"]],
                     "description": long_description,
                 }
-            ),  # fmt: skip
+            ),
             # 2018 metadata: JSON, flat category list, description as a list with HTML.
             {
                 "asin": "B002",
                 "title": "Emma",
                 "category": ["Books", "Romance"],
                 "description": ["<b>A &amp; B</b>", "classic."],
-            },  # fmt: skip
+            },
             {"asin": "B003", "title": "", "category": [], "description": ""},  # nothing to embed
             {"asin": "B999", "title": "Not reviewed"},
         ],
@@ -89,14 +89,14 @@ def test_2023_schema_gzipped_with_millisecond_timestamps(tmp_path):
                 "categories": ["Toys", "Robots"],
                 "description": ["Beeps.", "Walks."],
                 "main_category": "Toys & Games",
-            },  # fmt: skip
+            },
             {
                 "parent_asin": "C2",
                 "title": "Ball",
                 "categories": [],
                 "description": [],
                 "main_category": "Sports",
-            },  # fmt: skip
+            },
         ],
         gz=True,
     )
