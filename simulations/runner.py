@@ -202,8 +202,10 @@ def simulate(
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    # Each call gets its own local SuperLink on free ports, so concurrent simulations
-    # (a sweep beside a long run) never share one, and stopping ours stops no other.
+    # Each call gets its own local SuperLink on free ports, with its own state under
+    # OUT/flwr-home (unless FLWR_HOME is set), so concurrent simulations (a sweep
+    # beside a long run) never share one, and stopping ours stops no other.
+    env.setdefault("FLWR_HOME", str(out / "flwr-home"))
     port = env.get(SUPERLINK_PORT_ENV) or str(_free_port())
     env[SUPERLINK_PORT_ENV] = port
     env.setdefault(CONTROL_PORT_ENV, str(_free_port()))

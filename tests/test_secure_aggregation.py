@@ -73,7 +73,6 @@ def test_counts_become_ints_and_fractions_stay_floats():
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
-        (SecAggConfig(num_shares=2.0, reconstruction_threshold=1.0), "secagg.num-shares"),
         (SecAggConfig(num_shares=3.5), "secagg.num-shares"),
         (SecAggConfig(num_shares=3.0, reconstruction_threshold=3.0), "secagg.reconstruction-threshold"),
     ],
@@ -81,6 +80,12 @@ def test_counts_become_ints_and_fractions_stay_floats():
 def test_settings_flower_would_reject_are_named(settings, key):
     with pytest.raises(ConfigError, match=key):
         secaggplus_workflow(settings)
+
+
+def test_two_shares_are_refused_when_set():
+    """Flower's SecAgg+ needs more than 2 shares: the setting itself says so."""
+    with pytest.raises(ConfigError, match="secagg.num-shares"):
+        load_config({"secagg.num-shares": 2.0})
 
 
 def test_secagg_needs_two_clients_a_round():
