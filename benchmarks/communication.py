@@ -3,7 +3,7 @@
 Prints the figures for the configured model and LoRA settings; the last line is
 ``upload_share_of_model=<adapter bytes / model bytes>``.
 
-    python benchmarks/communication.py [--model minilm-l6] [--r 8] [--quick]
+    python benchmarks/communication.py [--model minilm-l6] [--r 8] [--freeze-a] [--quick]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--target-modules", default="query,value")
+    parser.add_argument("--freeze-a", action="store_true", help="FFA-LoRA: only lora_B is sent")
     parser.add_argument("--quick", action="store_true", help="same run (it is already quick)")
     args = parser.parse_args()
-    model = build_recommender(ModelConfig(name=args.model), LoraSettings(r=args.r, target_modules=args.target_modules))
+    model = build_recommender(ModelConfig(name=args.model), LoraSettings(r=args.r, target_modules=args.target_modules, freeze_a=args.freeze_a))
     state = adapter_state(model.encoder)
     params = list(model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -35,6 +36,7 @@ def main() -> None:
         "model": args.model,
         "lora_r": args.r,
         "target_modules": args.target_modules,
+        "freeze_a": args.freeze_a,
         "model_params": sum(p.numel() for p in params),
         "adapter_params": sum(t.numel() for t in state.values()),
         "model_bytes": model_bytes,
