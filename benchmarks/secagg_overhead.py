@@ -33,6 +33,7 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from clients.client_app import train
+from clients.mods import run_config_mod
 from clients.secure_aggregation import SECAGG_MODS
 from fedrec import records
 from fedrec.config import FedRecConfig, load_config
@@ -103,17 +104,7 @@ def one_round(
 def build_apps(settings: dict, found: dict) -> tuple[ServerApp, ClientApp]:
     """fedrec's train handler behind the SecAgg+ mods; a ServerApp alternating the modes."""
 
-    def with_run_config(msg, context, call_next):  # run_simulation has no run config
-        configured = Context(
-            run_id=context.run_id,
-            node_id=context.node_id,
-            node_config=context.node_config,
-            state=context.state,
-            run_config=dict(settings),
-        )
-        return call_next(msg, configured)
-
-    client = ClientApp(mods=[with_run_config])
+    client = ClientApp(mods=[run_config_mod(settings)])  # run_simulation has no run config
     client.train(mods=SECAGG_MODS)(train)
     server = ServerApp()
 

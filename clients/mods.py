@@ -18,12 +18,14 @@ the update before any other mod (SecAgg+ masking, say) changes it::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedrec.config import load_config
+from fedrec.config import RunConfigValue, load_config
 
 
 def asks_for_clipping(msg: Message) -> bool:
@@ -45,3 +47,24 @@ def user_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     if load_config(context.run_config).user_dp.mode == "client-adaptive":
         return adaptiveclipping_mod(msg, context, call_next)
     return fixedclipping_mod(msg, context, call_next)
+
+
+def run_config_mod(run_config: Mapping[str, RunConfigValue]) -> Mod:
+    """A mod that hands the handler ``run_config`` (Flower's ``run_simulation`` has none).
+
+    The handler gets a copy of its Context that shares the node's state (Flower
+    forbids changing the run config in place). For in-process harnesses: tests
+    and benchmarks; ``flwr run`` supplies the run config itself.
+    """
+
+    def with_run_config(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        configured = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config=dict(run_config),
+        )
+        return call_next(msg, configured)
+
+    return with_run_config

@@ -38,6 +38,7 @@ from flwr.simulation import run_simulation
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import train as fedrec_train
+from clients.mods import run_config_mod
 from clients.secure_aggregation import SECAGG_MODS, secagg_mod, warn_if_clipped
 from fedrec import records
 from fedrec.config import load_config
@@ -382,17 +383,7 @@ def _simulation_apps(run_config: dict, out: Path, found: dict) -> tuple[ServerAp
     Each client saves the update it sends; partition DROPPED fails in round 2.
     """
 
-    def with_run_config(msg, context, call_next):
-        configured = Context(
-            run_id=context.run_id,
-            node_id=context.node_id,
-            node_config=context.node_config,
-            state=context.state,
-            run_config=dict(run_config),
-        )
-        return call_next(msg, configured)
-
-    client = ClientApp(mods=[with_run_config])
+    client = ClientApp(mods=[run_config_mod(run_config)])
 
     @client.train(mods=SECAGG_MODS)
     def recorded_train(msg, context):
