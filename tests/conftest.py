@@ -81,3 +81,13 @@ def toy_run_config(folder, **overrides):
     }
     config.update(overrides)
     return config
+
+
+@pytest.fixture()
+def toy_prepared(tmp_path):
+    """(config, prepared data) of the toy dataset with the tiny model, cached under tmp_path."""
+    from fedrec.config import load_config
+    from fedrec.prepare import prepare
+
+    config = load_config(toy_run_config(tmp_path))
+    return config, prepare(config.data, config.eval)

@@ -14,14 +14,8 @@ from fedrec.prepare import prepare
 from tests.conftest import toy_run_config
 
 
-@pytest.fixture()
-def setup(tmp_path):
-    config = load_config(toy_run_config(tmp_path))
-    return config, prepare(config.data, config.eval)
-
-
-def test_prepare_splits_and_caches(setup):
-    config, prepared = setup
+def test_prepare_splits_and_caches(toy_prepared):
+    config, prepared = toy_prepared
     assert prepared.num_users == 24 and prepared.num_items == 40
     test = prepared.holdout("test")
     candidates = prepared.candidates("test")
@@ -35,8 +29,8 @@ def test_prepare_splits_and_caches(setup):
     assert again.root == prepared.root
 
 
-def test_client_reads_only_its_users(setup):
-    config, prepared = setup
+def test_client_reads_only_its_users(toy_prepared):
+    config, prepared = toy_prepared
     data = load_client_data(config, prepared, partition_id=3, num_partitions=24)
     assert data.users.tolist() == [3]
     assert data.sequences[0].tolist() == prepared.all_train_items[3].tolist()
@@ -44,8 +38,8 @@ def test_client_reads_only_its_users(setup):
         load_client_data(config, prepared, 0, num_partitions=10)
 
 
-def test_local_round_changes_adapters_and_reports(setup):
-    config, prepared = setup
+def test_local_round_changes_adapters_and_reports(toy_prepared):
+    config, prepared = toy_prepared
     model = GlobalModel(config, prepared)
     start = model.adapters()
     data = load_client_data(config, prepared, 0, 24)
@@ -57,8 +51,8 @@ def test_local_round_changes_adapters_and_reports(setup):
     assert any(not torch.equal(output.adapters[k], start[k]) for k in start)
 
 
-def test_evaluation_of_model_and_popularity(setup):
-    config, prepared = setup
+def test_evaluation_of_model_and_popularity(toy_prepared):
+    config, prepared = toy_prepared
     model = GlobalModel(config, prepared)
     metrics = model.evaluate("test")
     for key in ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full", "mrr", "f1@10"):
@@ -69,8 +63,8 @@ def test_evaluation_of_model_and_popularity(setup):
     assert 0.0 <= pop["hr@1"] <= 1.0
 
 
-def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(setup):
-    _, prepared = setup
+def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(toy_prepared):
+    _, prepared = toy_prepared
     target = prepared.candidates("test")[:, 0]
 
     def oracle(users):

@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedrec.privacy.config import ACCOUNTANTS, PrivacyConfig
+from fedrec.privacy.config import ACCOUNTANTS, PrivacyConfig, default_delta
 
 HistoryEntry = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, num_steps)`` as Opacus accountants keep it."""
@@ -163,11 +163,7 @@ def epsilon(state: AccountantState, delta: float) -> float:
 
 def delta_for(config: PrivacyConfig, num_examples: int) -> float:
     """``dp.delta``, or 1 / (10 n) for a client with ``n`` examples when it is 0."""
-    if config.delta > 0:
-        return config.delta
-    if num_examples < 1:
-        raise ValueError(f"a client needs at least one example, got {num_examples}")
-    return 1.0 / (10 * num_examples)
+    return default_delta(config.delta, num_examples, "example")
 
 
 def plan_noise_multiplier(

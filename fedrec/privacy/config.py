@@ -11,6 +11,15 @@ ACCOUNTANTS = ("rdp", "prv")
 USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
 
+def default_delta(configured: float, count: int, unit: str) -> float:
+    """``configured`` when set (> 0), else 1 / (10 count): the rule of dp.delta and user-dp.delta."""
+    if configured > 0:
+        return configured
+    if count < 1:
+        raise ValueError(f"delta = 1/(10 n) needs at least one {unit}, got {count}")
+    return 1.0 / (10 * count)
+
+
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -41,18 +41,14 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 from opacus.accountants import create_accountant
 
 from fedrec.errors import check_setting
-from fedrec.privacy.config import ACCOUNTANTS, UserLevelDPConfig
+from fedrec.privacy.config import ACCOUNTANTS, UserLevelDPConfig, default_delta
 
 ADAPTIVE_MODES = ("server-adaptive", "client-adaptive")
 
 
 def user_delta(config: UserLevelDPConfig, num_clients: int) -> float:
     """``user-dp.delta``, or 1 / (10 N) for N clients when it is 0."""
-    if config.delta > 0:
-        return config.delta
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    return 1.0 / (10 * num_clients)
+    return default_delta(config.delta, num_clients, "client")
 
 
 def adaptive_noise(noise_multiplier: float, num_sampled_clients: float) -> tuple[float, float]:

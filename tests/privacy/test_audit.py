@@ -11,10 +11,9 @@ import torch
 
 from fedrec import records
 from fedrec.checkpoint import save_checkpoint
-from fedrec.config import load_config, to_run_config
+from fedrec.config import to_run_config
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.model.build import build_recommender, token_table
-from fedrec.prepare import prepare
 from fedrec.privacy.audit import (
     MEMBERS_FROM_ALL,
     MEMBERS_FROM_CLIENTS,
@@ -26,7 +25,6 @@ from fedrec.privacy.audit import (
 )
 from fedrec.results import RunRecord
 from fedrec.training import make_loader, make_optimizer, train_local
-from tests.conftest import toy_run_config
 
 # ---------------------------------------------------------------- the AUC
 
@@ -71,14 +69,8 @@ def test_auc_stderr_hanley_mcneil():
 # ------------------------------------------------------- the attack's data
 
 
-@pytest.fixture()
-def run(tmp_path):
-    config = load_config(toy_run_config(tmp_path))
-    return config, prepare(config.data, config.eval)
-
-
-def test_members_are_training_examples_and_nonmembers_held_out(run):
-    _, prepared = run
+def test_members_are_training_examples_and_nonmembers_held_out(toy_prepared):
+    _, prepared = toy_prepared
     users = np.array([0, 5, 7])
     examples = audit_examples(prepared, users, members_per_user=3, seed=0)
     train = prepared.all_train_items
@@ -114,8 +106,8 @@ def write_run(config, prepared, model, rounds):
 
 
 @pytest.mark.parametrize("freeze_a", [False, True], ids=["lora", "ffa"])
-def test_audit_of_untrained_adapters_equals_the_pretrained_baseline(run, freeze_a):
-    config, prepared = run
+def test_audit_of_untrained_adapters_equals_the_pretrained_baseline(toy_prepared, freeze_a):
+    config, prepared = toy_prepared
     config = dataclasses.replace(config, lora=dataclasses.replace(config.lora, freeze_a=freeze_a))
     out = write_run(config, prepared, build_recommender(config.model, config.lora), [{records.ROUND: 1}])
     result = audit_run(out, max_users=0, members_per_user=4)
@@ -127,8 +119,8 @@ def test_audit_of_untrained_adapters_equals_the_pretrained_baseline(run, freeze_
     assert read_audit(out)["auc"] == result.auc
 
 
-def test_audit_of_a_trained_run_attacks_only_the_clients_that_trained(run):
-    config, prepared = run
+def test_audit_of_a_trained_run_attacks_only_the_clients_that_trained(toy_prepared):
+    config, prepared = toy_prepared
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.01))
     model = build_recommender(config.model, config.lora)
     table = token_table(prepared, config.model)
