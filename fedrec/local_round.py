@@ -18,6 +18,12 @@ from fedrec.model.build import cached_recommender, token_table
 from fedrec.prepare import PreparedData
 from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
 from fedrec.privacy.budget import BudgetExhausted, noise_for, planned_steps
+from fedrec.privacy.dp_sgd import (
+    detach_private,
+    make_private,
+    poisson_sample_rate,
+    state_after,
+)
 from fedrec.runtime import configure_threads, select_device
 from fedrec.tokens import TokenTable
 from fedrec.training import TrainResult, make_loader, make_optimizer, train_local
@@ -98,13 +104,6 @@ def _train_privately(
     device: torch.device,
 ) -> tuple[TrainResult, PrivacyReport]:
     """The same training loop under DP-SGD, refused up front if over budget."""
-    from fedrec.privacy.dp_sgd import (  # Opacus is imported only by private rounds
-        detach_private,
-        make_private,
-        poisson_sample_rate,
-        state_after,
-    )
-
     dp = config.dp
     num_examples = len(loader.dataset)
     delta = delta_for(dp, num_examples)
