@@ -45,6 +45,13 @@ class DataConfig:
     """Keep only the first N users by id (0: all). For quick experiments."""
     tie_break: str = "row"
     """Order of same-timestamp interactions: row (file order), item (item id), random."""
+    synthetic_users: int = 10_000
+    """data.name=synthetic: number of users generated."""
+    synthetic_items: int = 5_000
+    """data.name=synthetic: number of items generated."""
+    synthetic_seed: int = 0
+    """data.name=synthetic: seed of the generator (separate from the run's ``seed``, so
+    runs with different seeds can share one dataset)."""
 
     def __post_init__(self) -> None:
         _check(self.min_user_interactions >= 3, "data.min-user-interactions", "must be >= 3")
@@ -54,6 +61,16 @@ class DataConfig:
             "data.tie-break",
             f"'{self.tie_break}' is not one of row, item, random",
         )
+        _check(self.synthetic_users >= 1, "data.synthetic-users", "must be >= 1")
+        least = 3 * max(5, self.min_user_interactions)
+        _check(
+            self.name.strip().lower() != "synthetic" or self.synthetic_items >= least,
+            "data.synthetic-items",
+            f"{self.synthetic_items} items is too few: generated users have at least "
+            f"max(5, data.min-user-interactions) interactions and see at most a third "
+            f"of the catalogue; use at least {least}",
+        )
+        _check(self.synthetic_seed >= 0, "data.synthetic-seed", "must be >= 0")
 
     @property
     def cache_path(self) -> Path:

@@ -24,6 +24,8 @@ from datasets import Dataset, load_from_disk
 from fedrec.config import DataConfig, EvalConfig
 from fedrec.data.interactions import DataError, InteractionData
 from fedrec.data.registry import load_dataset
+from fedrec.data.synthetic import NAME as SYNTHETIC
+from fedrec.data.synthetic import SyntheticSpec
 from fedrec.split import filter_min_interactions, implicit_feedback, leave_one_out
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,30 @@ class PreparedData:
         return np.split(items, self.user_offsets[1:-1])
 
 
+SYNTHETIC_SETTINGS = ("synthetic_users", "synthetic_items", "synthetic_seed")
+
+
+def synthetic_spec(data: DataConfig) -> SyntheticSpec:
+    """The generator settings of ``data.name = "synthetic"``.
+
+    Its users have at least ``data.min-user-interactions`` interactions (and at least
+    5), so the minimum-interactions filter keeps every generated user.
+    """
+    return SyntheticSpec(
+        num_users=data.synthetic_users,
+        num_items=data.synthetic_items,
+        seed=data.synthetic_seed,
+        min_interactions=max(5, data.min_user_interactions),
+    )
+
+
 def prepared_key(data: DataConfig, evaluation: EvalConfig) -> str:
     """A short hash of every setting that changes the prepared data."""
     settings = asdict(data)
     settings.pop("cache_dir")
+    if data.name.strip().lower() != SYNTHETIC:  # other datasets' keys (and caches) stay as they were
+        for key in SYNTHETIC_SETTINGS:
+            settings.pop(key)
     settings["eval_negatives"] = evaluation.num_negatives
     settings["eval_seed"] = evaluation.seed
     settings["version"] = PREPARED_VERSION
@@ -164,7 +186,11 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
         return PreparedData(root)
     log.info("Preparing %s into %s", data.name, root)
     raw = load_dataset(
-        data.name, data.path or None, data.cache_path, items_path=data.items_path or None
+        data.name,
+        data.path or None,
+        data.cache_path,
+        items_path=data.items_path or None,
+        synthetic=synthetic_spec(data),
     )
     users, items, interactions = build_tables(raw, data)
     split = leave_one_out(

@@ -15,6 +15,8 @@ from fedrec.data.movielens import (
     load_movielens_csv,
     load_movielens_dat,
 )
+from fedrec.data.synthetic import NAME as SYNTHETIC
+from fedrec.data.synthetic import SyntheticSpec, load_synthetic
 from fedrec.data.tabular import load_table
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ _FOLDER_LOADERS: dict[str, Callable[[Path], InteractionData]] = {
     "ml-25m": load_movielens_csv,
 }
 _TABLE_NAMES = ("csv", "parquet", "table")
-KNOWN_DATASETS = ("ml-100k", *_FOLDER_LOADERS, "amazon", *_TABLE_NAMES)
+KNOWN_DATASETS = ("ml-100k", *_FOLDER_LOADERS, "amazon", *_TABLE_NAMES, SYNTHETIC)
 _USES_ITEMS_PATH = ("amazon", *_TABLE_NAMES)
 _PATH_HELP = {
     "ml-1m": "the unpacked ml-1m folder (ratings.dat, movies.dat)",
@@ -40,7 +42,11 @@ _PATH_HELP = {
 
 
 def load_dataset(
-    name: str, path: str | None, cache_dir: Path, items_path: str | None = None
+    name: str,
+    path: str | None,
+    cache_dir: Path,
+    items_path: str | None = None,
+    synthetic: SyntheticSpec | None = None,
 ) -> InteractionData:
     """Load dataset ``name`` (``data.name``) from ``path`` (``data.path``).
 
@@ -49,6 +55,8 @@ def load_dataset(
     and ``ml-20m``/``ml-25m`` need the unpacked GroupLens folder. ``amazon`` takes the
     reviews file as ``path`` and the metadata file as ``items_path``; ``csv``,
     ``parquet`` and ``table`` take the interactions file and an optional item table.
+    ``synthetic`` reads no file: it is generated from ``synthetic`` (its defaults
+    when None).
     """
     key = name.strip().lower()
     if key not in KNOWN_DATASETS:
@@ -59,6 +67,12 @@ def load_dataset(
         raise DataError(
             f"data.items_path is only used by {', '.join(_USES_ITEMS_PATH)}, not {key!r}; remove it"
         )
+    if key == SYNTHETIC:
+        if path is not None:
+            raise DataError(
+                f"data.name=synthetic generates its data and reads no file; remove data.path={path!r}"
+            )
+        return load_synthetic(synthetic or SyntheticSpec())
     if key == "ml-100k" and path is None:
         return load_ml100k(ensure_ml100k(Path(cache_dir)))
     if path is None:
