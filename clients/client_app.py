@@ -11,16 +11,49 @@ from clients.mods import user_dp_clipping_mod
 from clients.privacy_state import load_accountant, save_accountant
 from clients.secure_aggregation import SECAGG_MODS
 from fedrec import records
-from fedrec.client_data import load_client_data
-from fedrec.config import load_config
+from fedrec.client_data import ClientData, load_client_data
+from fedrec.config import FedRecConfig, load_config
+from fedrec.deploy.device_data import (
+    ITEMS_PATH,
+    DeviceDataError,
+    check_catalogue,
+    device_state_dir,
+    device_token_table,
+    load_device_data,
+)
+from fedrec.deploy.device_state import save_last_round
 from fedrec.local_round import evaluate_local, run_local_round
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
 from fedrec.privacy.budget import BudgetExhausted
+from fedrec.tokens import TokenTable
 
 log = logging.getLogger("fedrec.client")
 
 app = ClientApp()
+
+
+def _training_inputs(config: FedRecConfig, msg: Message, context: Context) -> tuple[ClientData, TokenTable]:
+    """This client's sequences and the catalogue's tokens.
+
+    Simulation: its partition of the run's prepared dataset. Deployed device
+    (``client-data=device``): its own files, checked against the server's catalogue.
+    """
+    node_config = context.node_config
+    if config.federation.client_data == "device":
+        device = load_device_data(config, node_config)
+        check_catalogue(
+            device.catalogue,
+            msg.content[records.CONFIG].get(records.CATALOGUE_DIGEST),
+            str(node_config[ITEMS_PATH]),
+        )
+        table = device_token_table(device.catalogue, config, device_state_dir(node_config))
+        return device.client, table
+    prepared = prepare(config.data, config.eval)
+    data = load_client_data(
+        config, prepared, int(node_config["partition-id"]), int(node_config["num-partitions"])
+    )
+    return data, token_table(prepared, config.model)
 
 
 @app.train(mods=[*SECAGG_MODS, user_dp_clipping_mod])
@@ -29,14 +62,17 @@ def train(msg: Message, context: Context) -> Message:
 
     Under DP-SGD the client's accountant continues from its earlier rounds, and a
     client whose budget this round would exceed replies with an error
-    (code ``records.BUDGET_EXHAUSTED``) instead of training.
+    (code ``records.BUDGET_EXHAUSTED``) instead of training. A device whose data
+    cannot be trained on replies with ``records.DEVICE_DATA_INVALID`` and the reason.
     """
     config = load_config(context.run_config)
-    prepared = prepare(config.data, config.eval)
-    partition_id = int(context.node_config["partition-id"])
-    data = load_client_data(
-        config, prepared, partition_id, int(context.node_config["num-partitions"])
-    )
+    try:
+        data, table = _training_inputs(config, msg, context)
+    except DeviceDataError as err:
+        log.error("cannot train on this device's data: %s", err)
+        return Message(Error(code=records.DEVICE_DATA_INVALID, reason=str(err)), reply_to=msg)
+    partition_id = data.partition_id
+    server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
     accountant = (
         load_accountant(context, config, partition_id) if config.dp.enabled else None
     )
@@ -44,14 +80,18 @@ def train(msg: Message, context: Context) -> Message:
         output = run_local_round(
             config,
             data,
-            token_table(prepared, config.model),
+            table,
             msg.content[records.ARRAYS].to_torch_state_dict(),
-            int(msg.content[records.CONFIG][records.SERVER_ROUND]),
+            server_round,
             accountant,
         )
     except BudgetExhausted as refusal:
         log.warning("partition %d: %s", partition_id, refusal)
         return Message(Error(code=records.BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+    if config.federation.client_data == "device":
+        save_last_round(
+            device_state_dir(context.node_config), output.adapters, server_round, context.run_id
+        )
     arrays = ArrayRecord(output.adapters)
     metrics = {
         records.NUM_EXAMPLES: output.result.examples,
@@ -79,6 +119,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Rank this client's held-out items with the global adapters; reply with metrics."""
     config = load_config(context.run_config)
+    if config.federation.client_data == "device":
+        reason = "on-device evaluation is not implemented; the server evaluates (fraction-evaluate=0)"
+        return Message(Error(code=records.DEVICE_DATA_INVALID, reason=reason), reply_to=msg)
     prepared = prepare(config.data, config.eval)
     data = load_client_data(
         config,

@@ -91,6 +91,37 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_certs(args: argparse.Namespace) -> int:
+    from fedrec.deploy.credentials import generate_tls
+
+    files = generate_tls(Path(args.out), args.host, days=args.days)
+    print(f"CA certificate (give to every SuperNode and flwr CLI): {files.ca_cert}")
+    print(f"SuperLink certificate and key: {files.server_cert} {files.server_key}")
+    print(f"CA key (keep offline; only needed to issue new certificates): {files.ca_key}")
+    return 0
+
+
+def _deploy_keys(args: argparse.Namespace) -> int:
+    from fedrec.deploy.credentials import generate_node_keys
+
+    for name in args.names:
+        keys = generate_node_keys(Path(args.out), name)
+        print(f"{name}: private {keys.private_key} (stays on the device), public {keys.public_key} (register it)")
+    return 0
+
+
+def _deploy_export(args: argparse.Namespace) -> int:
+    from fedrec.deploy.export import export_devices
+    from fedrec.prepare import prepare
+    from simulations.runner import parse_overrides, resolve_settings
+
+    config, _ = resolve_settings(args.preset, parse_overrides(args.run_config), None)
+    exported = export_devices(prepare(config.data, config.eval), Path(args.out), args.users)
+    print(f"catalogue {exported.catalogue} (fingerprint {exported.catalogue_digest})")
+    print(f"{len(exported.user_files)} device files in {Path(args.out) / 'devices'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -124,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="0", help="run seeds (default: %(default)s)")
     sweep.add_argument("--audit", action="store_true", help="membership-inference audit of each cell")
     sweep.set_defaults(func=_sweep)
+
+    deploy = sub.add_parser("deploy", help="credentials and device files for a real deployment (docs/deploy.md)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    certs = deploy_sub.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem, server.key, ca.key")
+    certs.add_argument("--host", action="append", required=True, help="SuperLink name or IP (repeat for each)")
+    certs.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
+    certs.set_defaults(func=_deploy_certs)
+    keys = deploy_sub.add_parser("keys", help="SuperNode authentication key pairs")
+    keys.add_argument("--out", required=True, help="folder for NAME and NAME.pub")
+    keys.add_argument("names", nargs="+", help="one name per SuperNode")
+    keys.set_defaults(func=_deploy_keys)
+    export = deploy_sub.add_parser("export", help="a dataset as a catalogue and one file per user")
+    common(export)
+    export.add_argument("--users", type=int, default=0, help="only the first N users (default: all)")
+    export.set_defaults(func=_deploy_export)
     return parser
 
 

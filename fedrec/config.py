@@ -215,9 +215,23 @@ class FederationConfig:
     resume: bool = False
     """Continue from the last checkpoint in out-dir instead of starting over."""
     seed: int = 42
+    client_data: str = "partitions"
+    """Where clients' data comes from: ``partitions`` of the run's dataset (simulation),
+    or ``device``: each SuperNode's own files (node config ``data-path``, ``items-path``)."""
+    max_update_norm: float = 100.0
+    """Reject a client's update whose L2 distance from the global adapters exceeds this
+    (0: no bound). A normal round moves LoRA adapters by far less."""
+    round_timeout: float = 0.0
+    """Seconds the server waits for a round's replies before aggregating those it has
+    (0: Flower's default, one hour). A node that dies is noticed within ~60 s anyway."""
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
+        _check(
+            self.client_data in ("partitions", "device"), "client-data", "partitions or device"
+        )
+        _check(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0: no bound)")
+        _check(self.round_timeout >= 0, "round-timeout", "must be >= 0 (0: Flower's default)")
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")

@@ -39,6 +39,27 @@ def _sort_key(ids: pd.Series) -> pd.Series:
     return numeric if numeric.notna().all() else ids
 
 
+def order_catalogue(items: pd.DataFrame) -> pd.DataFrame:
+    """The catalogue in index order (by id, numerically when every id is a number), with
+    ``item_idx``. Server and devices index items this way, so indices agree everywhere."""
+    items = items.drop_duplicates("item_id").reset_index(drop=True)
+    items = items.iloc[np.argsort(_sort_key(items["item_id"]).to_numpy(), kind="stable")]
+    return items.reset_index(drop=True).assign(item_idx=lambda f: np.arange(len(f)))
+
+
+def catalogue_digest(items: pd.DataFrame) -> str:
+    """A short fingerprint of an ordered catalogue's ids and texts.
+
+    The server sends it with every instruction; a device whose catalogue differs
+    (other items, order or text, hence other item indices and embeddings) refuses
+    to train instead of sending a meaningless update.
+    """
+    digest = hashlib.sha256()
+    for item_id, text in zip(items["item_id"].astype(str), items["text"].astype(str)):
+        digest.update(f"{item_id}\t{text}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def sample_negatives(
     seen: list[np.ndarray], num_items: int, num_negatives: int, seed: int
 ) -> np.ndarray:
@@ -84,6 +105,11 @@ class PreparedData:
     def items(self) -> pd.DataFrame:
         """item_idx, item_id, title, text."""
         return pd.read_parquet(self.root / "items.parquet")
+
+    @cached_property
+    def catalogue_digest(self) -> str:
+        """Fingerprint of the item catalogue (:func:`catalogue_digest`)."""
+        return catalogue_digest(self.items)
 
     @cached_property
     def users(self) -> pd.DataFrame:
@@ -168,9 +194,7 @@ def build_tables(raw: InteractionData, data: DataConfig) -> tuple[pd.DataFrame, 
     if data.max_users:
         user_ids = user_ids.iloc[: data.max_users]
         interactions = interactions[interactions["user_id"].isin(set(user_ids))]
-    items = raw.items.drop_duplicates("item_id").reset_index(drop=True)
-    items = items.iloc[np.argsort(_sort_key(items["item_id"]).to_numpy(), kind="stable")]
-    items = items.reset_index(drop=True).assign(item_idx=lambda f: np.arange(len(f)))
+    items = order_catalogue(raw.items)
     users = pd.DataFrame({"user_id": user_ids.to_numpy(), "user_idx": np.arange(len(user_ids))})
     interactions = interactions.assign(
         user_idx=interactions["user_id"].map(dict(zip(users["user_id"], users["user_idx"]))),

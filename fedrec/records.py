@@ -12,6 +12,7 @@ METRICS = "metrics"
 
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
+CATALOGUE_DIGEST = "catalogue-digest"  # fingerprint of the server's item catalogue
 
 # MetricRecord keys the clients send back.
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this key (unless user-level DP is on)
@@ -28,13 +29,17 @@ NOISE_MULTIPLIER = "noise-multiplier"
 DP_STATE = "fedrec-dp-accountant"  # context.state key of a client's accountant history
 BUDGET_EXHAUSTED = 4031  # Error code of the reply of a client that refuses to train
 
+# Deployed devices (client-data=device).
+DEVICE_DATA_INVALID = 4022  # Error code: the device's data or catalogue cannot be trained on
+
 # Per-round keys of metrics.json.
 ROUND = "round"
 SECONDS = "seconds"
 BYTES_UP_PER_CLIENT = "bytes_up_per_client"
 BYTES_DOWN_PER_CLIENT = "bytes_down_per_client"
 CLIENTS = "clients"
-FAILURES = "failures"
+FAILURES = "failures"  # replies that were errors or rejected updates
+REJECTED_UPDATES = "rejected_updates"  # updates that failed validation (keys, shapes, NaN, norm)
 FEDERATED_PREFIX = "federated_"  # on-client evaluation, averaged over clients
 EPSILON_MAX = "epsilon_max"  # over this round's private clients
 EPSILON_MEDIAN = "epsilon_median"

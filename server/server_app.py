@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec import records
@@ -29,6 +29,7 @@ log = logging.getLogger("fedrec.server")
 app = ServerApp()
 
 SUMMARY_METRICS = ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full")
+DEFAULT_ROUND_TIMEOUT = 3600.0  # Flower's default for Strategy.start
 
 
 def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tuple[RunRecord, int]:
@@ -66,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(config.federation.out_dir).expanduser()
     prepared = prepare(config.data, config.eval)
     num_nodes = len(list(grid.get_node_ids()))
-    if num_nodes:
+    if num_nodes and config.federation.client_data == "partitions":
         num_partitions_for(config, prepared, num_nodes)
     elif config.user_dp.enabled:
         raise ConfigError("setting 'user-dp.mode': user-level DP needs the number of clients at start")
@@ -91,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
             arrayrecord_key=records.ARRAYS,
             configrecord_key=records.CONFIG,
             round_offset=start_round,
+            max_update_norm=config.federation.max_update_norm,
         )
     for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
         strategy.epsilons.latest.update(
@@ -135,10 +137,21 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    runner.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.adapters()),
-        num_rounds=total - start_round,
-        evaluate_fn=evaluate_round,
-    )
+    if config.secagg.enabled:
+        runner.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.adapters()),
+            num_rounds=total - start_round,
+            evaluate_fn=evaluate_round,
+        )
+    else:
+        runner.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.adapters()),
+            num_rounds=total - start_round,
+            timeout=config.federation.round_timeout or DEFAULT_ROUND_TIMEOUT,
+            # Devices check that they index the same catalogue before training.
+            train_config=ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest}),
+            evaluate_fn=evaluate_round,
+        )
     log.info("Wrote %s", out_dir / "metrics.json")

@@ -3,9 +3,10 @@
 ``FedRecAvg`` is Flower's message-based ``FedAvg`` (weighted by
 ``num-examples``) plus three things:
 
-* replies whose adapters do not match the global ones (keys, shapes, NaN/Inf)
-  are rejected and logged before averaging, so one broken client cannot poison
-  the aggregate;
+* replies whose adapters do not match the global ones (keys, shapes, NaN/Inf) or
+  moved implausibly far (``max-update-norm``) are rejected and logged before
+  averaging, so one broken client cannot poison the aggregate; error replies
+  (a device's data refused, a spent budget, a lost node) are logged with their reason;
 * bytes sent down and up per client are counted each round;
 * a round offset, so a resumed run continues its round numbers;
 * on-client (federated) evaluation metrics kept as ``federated_<metric>``;
@@ -44,9 +45,13 @@ CLIP_TOLERANCE = 1e-3
 class FedRecAvg(FedAvg):
     """FedAvg of adapter state dicts with validation and traffic accounting."""
 
-    def __init__(self, *args, round_offset: int = 0, **kwargs) -> None:
+    def __init__(
+        self, *args, round_offset: int = 0, max_update_norm: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.round_offset = round_offset
+        self.max_update_norm = max_update_norm
+        """Reject updates farther (L2) than this from the global adapters (0: no bound)."""
         self.last_round: dict[str, float] = {}
         self.user_dp_clients = 0
         """0, or the clients per round that user-level DP noise is calibrated for."""
@@ -95,11 +100,19 @@ class FedRecAvg(FedAvg):
         return messages
 
     def _is_valid(self, message: Message) -> bool:
-        if message.has_error():
-            return True  # FedAvg logs and drops error replies itself
+        if message.has_error():  # FedAvg drops error replies; say why each failed
+            log.warning(
+                "Node %s replied with error %d: %s",
+                message.metadata.src_node_id,
+                message.error.code,
+                message.error.reason,
+            )
+            return True
         try:
             received = message.content[self.arrayrecord_key].to_torch_state_dict()
             check_adapter_state(self._global, received)
+            if self.max_update_norm:
+                self._check_norm(received)
             if self._clipping_norm_sent is not None:
                 self._check_clipped(received)
         except (AdapterStateError, KeyError, ValueError, TypeError) as err:
@@ -109,14 +122,25 @@ class FedRecAvg(FedAvg):
             return False
         return True
 
-    def _check_clipped(self, received: dict) -> None:
-        """Raise ValueError unless the update is within the clipping norm sent to clients."""
-        norm = math.sqrt(
+    def _update_norm(self, received: dict) -> float:
+        return math.sqrt(
             sum(
                 float((received[k].double() - g.double()).square().sum())
                 for k, g in self._global.items()
             )
         )
+
+    def _check_norm(self, received: dict) -> None:
+        """Raise ValueError for an update implausibly far from the global adapters."""
+        norm = self._update_norm(received)
+        if norm > self.max_update_norm:
+            raise ValueError(
+                f"update norm {norm:.6g} exceeds max-update-norm {self.max_update_norm:g}"
+            )
+
+    def _check_clipped(self, received: dict) -> None:
+        """Raise ValueError unless the update is within the clipping norm sent to clients."""
+        norm = self._update_norm(received)
         if norm > self._clipping_norm_sent * (1 + CLIP_TOLERANCE):
             raise ValueError(
                 f"update norm {norm:.6g} exceeds the clipping norm "
@@ -134,6 +158,7 @@ class FedRecAvg(FedAvg):
             sum(m.content[self.arrayrecord_key].count_bytes() for m in ok) / len(ok) if ok else 0.0
         )
         self.last_round[records.FAILURES] = float(len(replies) - len(ok))
+        self.last_round[records.REJECTED_UPDATES] = float(len(replies) - len(valid))
         self.last_round.update(self.epsilons.round_report(replies))
         if self.user_dp_clients:
             for message in ok:

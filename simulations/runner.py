@@ -22,12 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import psutil
 import torch
 from flwr.common.config import parse_config_args
 
 from fedrec.client_data import num_partitions_for
-from fedrec.config import FedRecConfig, RunConfigValue, load_config, to_run_config
+from fedrec.config import (
+    ConfigError,
+    FedRecConfig,
+    RunConfigValue,
+    load_config,
+    to_run_config,
+)
 from fedrec.partition import resolve_num_partitions
 from fedrec.prepare import prepare
 from fedrec.results import METRICS_FILE
@@ -129,7 +136,13 @@ def _toml_value(value: RunConfigValue) -> str:
     return repr(value)
 
 
-def _free_port() -> int:
+def write_run_config(path: Path, run_config: Mapping[str, RunConfigValue]) -> Path:
+    """Write run-config values as the TOML file ``flwr run --run-config FILE`` takes."""
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    return path
+
+
+def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,8 +191,7 @@ def simulate(
     run_config = _absolute(config)
     out = Path(str(run_config["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
-    config_file = out / "run_config.toml"
-    config_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    config_file = write_run_config(out / "run_config.toml", run_config)
     federation_config = (
         f"num-supernodes={num_clients} "
         f"client-resources-num-cpus={resources.num_cpus:g} "
@@ -206,9 +218,9 @@ def simulate(
     # OUT/flwr-home (unless FLWR_HOME is set), so concurrent simulations (a sweep
     # beside a long run) never share one, and stopping ours stops no other.
     env.setdefault("FLWR_HOME", str(out / "flwr-home"))
-    port = env.get(SUPERLINK_PORT_ENV) or str(_free_port())
+    port = env.get(SUPERLINK_PORT_ENV) or str(free_port())
     env[SUPERLINK_PORT_ENV] = port
-    env.setdefault(CONTROL_PORT_ENV, str(_free_port()))
+    env.setdefault(CONTROL_PORT_ENV, str(free_port()))
     running_before = {p.pid for p in _local_superlinks(port)}
     log.info("%d virtual clients, %s; running: %s", num_clients, resources, " ".join(command))
     try:
@@ -241,4 +253,9 @@ def simulate(
 
 def parse_overrides(text: list[str] | None) -> dict[str, RunConfigValue]:
     """``["k=v k2=v2", ...]`` -> dict, with TOML value types (as ``flwr run``)."""
-    return parse_config_args(text) if text else {}
+    if not text:
+        return {}
+    try:
+        return parse_config_args(text)
+    except click.ClickException as err:  # Flower's parser: say which option was wrong
+        raise ConfigError(f"--run-config {' '.join(text)!r}: {err.message}") from err

@@ -23,6 +23,7 @@ from fedrec.data.validation import (
     parse_interactions,
     parse_text,
     read_delimited,
+    read_json_lines,
     read_parquet,
     require_columns,
 )
@@ -31,10 +32,11 @@ logger = logging.getLogger(__name__)
 
 _DELIMITED = {".csv": ",", ".tsv": "\t"}
 _PARQUET = (".parquet", ".pq")
+_JSON_LINES = (".jsonl", ".json")
 
 
 def read_any_table(path: Path) -> Table:
-    """Read a CSV (``.csv``), TSV (``.tsv``), optionally gzipped, or Parquet file."""
+    """Read a CSV (``.csv``), TSV (``.tsv``), optionally gzipped, JSON-lines or Parquet file."""
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".zip", ".xz", ".zst"):
@@ -44,9 +46,11 @@ def read_any_table(path: Path) -> Table:
         return read_delimited(path, sep=_DELIMITED[suffix])
     if suffix in _PARQUET:
         return read_parquet(path)
+    if suffix in _JSON_LINES:
+        return read_json_lines(path)
     raise DataError(
         f"{path}: unknown table format {suffix or '(no suffix)'!r}; use a .csv, .tsv "
-        "(optionally .gz) or .parquet file"
+        "(optionally .gz), .jsonl or .parquet file"
     )
 
 
@@ -61,7 +65,7 @@ def load_table(interactions_path: Path, items_path: Path | None) -> InteractionD
     if items_path is not None:
         if "text" in table.frame.columns:
             logger.info("%s: ignoring inline text; using %s", interactions_path, items_path)
-        items = _items_from_table(read_any_table(Path(items_path)))
+        items = items_from_table(read_any_table(Path(items_path)))
     elif "text" in table.frame.columns:
         items = _items_inline(table)
     else:
@@ -74,7 +78,7 @@ def load_table(interactions_path: Path, items_path: Path | None) -> InteractionD
     return InteractionData(interactions_path.name.split(".")[0], interactions, items)
 
 
-def _items_from_table(table: Table) -> pd.DataFrame:
+def items_from_table(table: Table) -> pd.DataFrame:
     require_columns(table, ["item_id", "text"])
     ids = parse_ids(table, "item_id")
     check_unique(table, ids, "item_id")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +117,30 @@ def read_parquet(path: Path) -> Table:
     frame.columns = [str(c).strip() for c in frame.columns]
     frame.index = pd.RangeIndex(1, len(frame) + 1)
     return _non_empty(Table(path, frame, unit="row"))
+
+
+def read_json_lines(path: Path) -> Table:
+    """Read a JSON-lines file (one object per line); locations are line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path in your data settings")
+    records: list[dict] = []
+    lines: list[int] = []
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+            lines.append(number)
+    frame = pd.DataFrame.from_records(records, index=pd.Index(lines, dtype="int64"))
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return _non_empty(Table(path, frame))
 
 
 def table_from_records(path: Path, columns: dict[str, list], lines: Sequence[int]) -> Table:

@@ -1,0 +1,1 @@
+"""Deploying fedrec on real devices: credentials, device data, launch helpers."""
