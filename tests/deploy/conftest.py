@@ -60,6 +60,7 @@ def deployment(tmp_path):
         deploy.close()
         for name in deploy.procs:  # on failure, show what each process said
             print(f"----- {name} -----\n{deploy.log_text(name)[-4000:]}")
+    assert not deploy.leftovers(), f"processes left running: {deploy.leftovers()}"
 
 
 def read_metrics(server_config: dict) -> dict:

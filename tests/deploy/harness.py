@@ -1,8 +1,7 @@
 """Real Flower deployment processes on 127.0.0.1: a TLS SuperLink, authenticated SuperNodes.
 
-Every process is started in its own session (process group), so stopping it also
-stops the SuperExec and ClientApp/ServerApp processes it spawned; ``close()``
-stops whatever is still running. Logs go to ``<root>/logs/<name>.log``.
+Stopping a process also stops every process it spawned (SuperExec,
+ClientApp/ServerApp processes); ``close()`` stops whatever is still running. Logs go to ``<root>/logs/<name>.log``.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from fedrec.deploy.credentials import (
     NodeKeys,
@@ -58,6 +59,7 @@ class Deployment:
     root: Path
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    descendants: list[psutil.Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.logs = self.root / "logs"
@@ -80,11 +82,11 @@ class Deployment:
     # -- processes ------------------------------------------------------------
 
     def _start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("a")
-        proc = subprocess.Popen(
-            command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=self.root,
-        )
+        with (self.logs / f"{name}.log").open("a") as log:
+            proc = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.root,
+            )
         self.procs[name] = proc
         return proc
 
@@ -142,27 +144,48 @@ class Deployment:
         return self._start(name, command)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-        """Signal a process group and wait for its leader; SIGKILL if it lingers."""
+        """Signal a process, its group and every descendant; SIGKILL whatever lingers.
+
+        Flower's SuperExec starts its own session, so the process group alone does
+        not reach it or the ClientApp/ServerApp processes it spawned.
+        """
         proc = self.procs.get(name)
         if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, sig)
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        self.descendants.extend(family)
+        for member in family:
+            try:
+                member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        _, alive = psutil.wait_procs(family, timeout=timeout)
+        for member in alive:
+            member.kill()
 
     def close(self) -> None:
+        """Stop every process started here, and their descendants."""
         for name in list(self.procs):
-            self.stop(name)
-        for proc in self.procs.values():  # stragglers left in a group after its leader exited
+            self.stop(name, timeout=10)
+        _, alive = psutil.wait_procs(self.descendants, timeout=5)
+        for member in alive:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+                member.kill()
+            except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes started here (or by them) that are still running."""
+        return [p for p in self.descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     # -- flwr CLI ---------------------------------------------------------------
 
