@@ -7,7 +7,7 @@ import logging
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.mods import user_dp_clipping_mod
+from clients.mods import user_dp_clipping_mod, wire_encoding_mod
 from clients.privacy_state import load_accountant, save_accountant
 from clients.secure_aggregation import SECAGG_MODS
 from fedrec import records
@@ -56,7 +56,7 @@ def _training_inputs(config: FedRecConfig, msg: Message, context: Context) -> tu
     return data, token_table(prepared, config.model)
 
 
-@app.train(mods=[*SECAGG_MODS, user_dp_clipping_mod])
+@app.train(mods=[wire_encoding_mod, *SECAGG_MODS, user_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Set the global adapters, train locally, reply with adapters and metrics.
 

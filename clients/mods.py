@@ -1,4 +1,4 @@
-"""ClientApp mods: clip the adapter update for user-level DP when the server asks for it.
+"""ClientApp mods: clip the update for user-level DP when asked; shrink it for the wire.
 
 Flower's client-side DP wrappers (``user-dp.mode`` client-fixed, client-adaptive;
 see server/user_dp.py) put a clipping norm in every train message's config and
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.app import Context, Message, MessageType
+from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedrec import records
 from fedrec.config import RunConfigValue, load_config
+from fedrec.model.wire import encode_update
 
 
 def asks_for_clipping(msg: Message) -> bool:
@@ -47,6 +49,29 @@ def user_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     if load_config(context.run_config).user_dp.mode == "client-adaptive":
         return adaptiveclipping_mod(msg, context, call_next)
     return fixedclipping_mod(msg, context, call_next)
+
+
+def wire_encoding_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Send the update as ``wire-dtype`` (float16/int8) instead of float32 adapters.
+
+    Put it first among the train mods (outermost), so that it encodes what the
+    others (user-level DP clipping) produced. Error replies pass unchanged.
+    """
+    reply = call_next(msg, context)
+    wire_dtype = load_config(context.run_config).federation.wire_dtype
+    if wire_dtype == "float32" or reply.has_error() or records.ARRAYS not in reply.content:
+        return reply
+    payload = ArrayRecord(
+        encode_update(
+            reply.content[records.ARRAYS].to_torch_state_dict(),
+            msg.content[records.ARRAYS].to_torch_state_dict(),
+            wire_dtype,
+        )
+    )
+    reply.content[records.ARRAYS] = payload
+    if records.METRICS in reply.content:
+        reply.content[records.METRICS][records.BYTES_UP] = payload.count_bytes()
+    return reply
 
 
 def run_config_mod(run_config: Mapping[str, RunConfigValue]) -> Mod:

@@ -221,6 +221,9 @@ class FederationConfig:
     max_update_norm: float = 100.0
     """Reject a client's update whose L2 distance from the global adapters exceeds this
     (0: no bound). A normal round moves LoRA adapters by far less."""
+    wire_dtype: str = "float32"
+    """How clients send their update: float32 adapters, or the update (trained minus
+    received) as float16 or int8 (per-tensor scale), restored before averaging."""
     round_timeout: float = 0.0
     """Seconds the server waits for a round's replies before aggregating those it has
     (0: Flower's default, one hour). A node that dies is noticed within ~60 s anyway."""
@@ -232,6 +235,9 @@ class FederationConfig:
         )
         _check(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0: no bound)")
         _check(self.round_timeout >= 0, "round-timeout", "must be >= 0 (0: Flower's default)")
+        _check(
+            self.wire_dtype in ("float32", "float16", "int8"), "wire-dtype", "float32, float16 or int8"
+        )
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
@@ -266,6 +272,17 @@ class FedRecConfig:
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
     user_dp: UserLevelDPConfig = field(default_factory=UserLevelDPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+    def __post_init__(self) -> None:
+        if self.federation.wire_dtype != "float32":
+            # SecAgg+ masks and server-side clipping work on the adapters themselves.
+            _check(not self.secagg.enabled, "wire-dtype", "must be float32 with secagg.enabled")
+            _check(
+                not self.user_dp.mode.startswith("server"),
+                "wire-dtype",
+                f"must be float32 with user-dp.mode={self.user_dp.mode} (the server clips "
+                "the adapters it receives); use a client-side mode",
+            )
 
 
 # Run-config prefix of each section; the federation section has no prefix.

@@ -93,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
             configrecord_key=records.CONFIG,
             round_offset=start_round,
             max_update_norm=config.federation.max_update_norm,
+            wire_dtype=config.federation.wire_dtype,
         )
     for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
         strategy.epsilons.latest.update(

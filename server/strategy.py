@@ -31,6 +31,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedrec import records
 from fedrec.model.adapters import AdapterStateError, check_adapter_state
+from fedrec.model.wire import decode_update
 from server.privacy_report import EpsilonLedger
 
 log = logging.getLogger("fedrec.server.strategy")
@@ -46,9 +47,16 @@ class FedRecAvg(FedAvg):
     """FedAvg of adapter state dicts with validation and traffic accounting."""
 
     def __init__(
-        self, *args, round_offset: int = 0, max_update_norm: float = 0.0, **kwargs
+        self,
+        *args,
+        round_offset: int = 0,
+        max_update_norm: float = 0.0,
+        wire_dtype: str = "float32",
+        **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.wire_dtype = wire_dtype
+        """How clients encode their updates (fedrec.model.wire); decoded before validation."""
         self.round_offset = round_offset
         self.max_update_norm = max_update_norm
         """Reject updates farther (L2) than this from the global adapters (0: no bound)."""
@@ -109,7 +117,10 @@ class FedRecAvg(FedAvg):
             )
             return True
         try:
-            received = message.content[self.arrayrecord_key].to_torch_state_dict()
+            payload = message.content[self.arrayrecord_key].to_torch_state_dict()
+            received = decode_update(payload, self._global, self.wire_dtype)
+            if self.wire_dtype != "float32":  # FedAvg averages the restored float32 adapters
+                message.content[self.arrayrecord_key] = ArrayRecord(received)
             check_adapter_state(self._global, received)
             if self.max_update_norm:
                 self._check_norm(received)
@@ -152,10 +163,15 @@ class FedRecAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        wire_bytes = {  # as sent, before any decoding
+            id(m): m.content[self.arrayrecord_key].count_bytes()
+            for m in replies
+            if not m.has_error() and self.arrayrecord_key in m.content
+        }
         valid = [m for m in replies if self._is_valid(m)]
         ok = [m for m in valid if not m.has_error()]
         self.last_round[records.BYTES_UP_PER_CLIENT] = (
-            sum(m.content[self.arrayrecord_key].count_bytes() for m in ok) / len(ok) if ok else 0.0
+            sum(wire_bytes[id(m)] for m in ok) / len(ok) if ok else 0.0
         )
         self.last_round[records.FAILURES] = float(len(replies) - len(ok))
         self.last_round[records.REJECTED_UPDATES] = float(len(replies) - len(valid))
