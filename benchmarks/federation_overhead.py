@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ def central_client_rounds(config, prepared, clients: int) -> dict:
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
+        "load_average_1min_after": os.getloadavg()[0],
         "steps": sum(o.result.steps for o in outputs),
         "examples": sum(o.result.examples for o in outputs),
         "adapter_values_averaged": sum(v.numel() for v in average.values()),
@@ -102,7 +104,12 @@ def central_pooled(config, prepared, clients: int, steps: int) -> dict:
     optimizer = make_optimizer(model.model, train)
     start = time.perf_counter()
     result = train_local(model.model, make_loader(dataset, train.batch_size, seed=0), optimizer, train, model.device)
-    return {"seconds": time.perf_counter() - start, "steps": result.steps, "examples": result.examples}
+    return {
+        "seconds": time.perf_counter() - start,
+        "steps": result.steps,
+        "examples": result.examples,
+        "load_average_1min_after": os.getloadavg()[0],
+    }
 
 
 def server_evaluation(config, prepared) -> float:
@@ -122,8 +129,9 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6", choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=0, help="train.max-steps per client (0: the model's default)")
     parser.add_argument("--eval-users", type=int, default=10, help="users of the server evaluation (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the central runs (0: all cores)")
     parser.add_argument("--out", default="runs/federation_overhead")
-    parser.add_argument("--quick", action="store_true", help="4 clients, tiny model, 1 step (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="4 clients, tiny model, 1 step (about 1.5 min on 2 cores, mostly start-up)")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.model, args.steps, args.eval_users = 4, "tiny-random", 1, 5
@@ -133,7 +141,8 @@ def main() -> None:
     settings = scale_settings(args.clients, args.model, ROUNDS, per_round=args.clients, eval_users=args.eval_users)
     if args.steps:
         settings["train.max-steps"] = args.steps
-    config, _ = resolve_settings(None, settings, out / "central")
+    central_settings = {**settings, "runtime.threads": args.threads}
+    config, _ = resolve_settings(None, central_settings, out / "central")
     threads = configure_threads(config.runtime)
     prepared = prepare(config.data, config.eval)
 

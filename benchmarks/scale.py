@@ -19,8 +19,8 @@ simulation process, Ray's raylet, GCS and workers) every 0.5 s. Writes
 ``peak_rss_gb=<peak of the summed RSS>``.
 
     python benchmarks/scale.py [--clients 943] [--rounds 1] [--model tiny-random] [--quick]
-    python benchmarks/scale.py --curve    # 10, 100, 943 and 10,000 (synthetic) clients:
-                                          # OUT/scaling_curve.csv and scaling_curve.png
+    python benchmarks/scale.py --curve [--reuse]   # 10, 100, 943 and 10,000 (synthetic) clients:
+                                                   # OUT/scaling_curve.csv and scaling_curve.png
 """
 
 from __future__ import annotations
@@ -172,8 +172,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=100, help="clients per round above 943 (default: %(default)s)")
     parser.add_argument("--eval-users", type=int, default=50, help="users of the server evaluation (default: %(default)s)")
     parser.add_argument("--out", default="runs/scale", help="results folder (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="20 clients, tiny model, 1 round (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="20 clients, tiny model, 1 round (about 1.5 min on 2 cores, mostly start-up)")
     parser.add_argument("--curve", action="store_true", help=f"run {', '.join(map(str, CURVE))} clients; CSV + PNG")
+    parser.add_argument("--reuse", action="store_true", help="take sizes already measured from OUT/scale-N-MODEL.json")
     args = parser.parse_args()
     setup_logging()
     out = Path(args.out)
@@ -183,7 +184,12 @@ def main() -> None:
     sizes = CURVE if args.curve else (args.clients,)
     rows = []
     for clients in sizes:
-        figures = run_scale(clients, args.model, args.rounds, args.per_round, args.eval_users, out)
+        earlier = out / f"scale-{clients}-{args.model}.json"
+        if args.reuse and earlier.exists():
+            figures = json.loads(earlier.read_text())
+            log.info("reusing %s", earlier)
+        else:
+            figures = run_scale(clients, args.model, args.rounds, args.per_round, args.eval_users, out)
         print_figures(figures)
         rows.append(figures)
         if args.curve:
