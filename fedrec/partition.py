@@ -17,6 +17,7 @@ The assignment is computed once per prepared dataset and cached on disk.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,9 @@ def cached_assignment(
     if path.exists():
         return np.load(path)
     assignment = assign_users(config, interactions_per_user, num_partitions, seed)
-    tmp = path.with_suffix(".tmp.npy")
+    # Several client actors may compute it at once (the first round of a simulation):
+    # each writes its own file, and the atomic rename makes one of them the cache.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, assignment)
     tmp.replace(path)
     return assignment
