@@ -29,6 +29,9 @@ case "$command" in
     ;;
   stop)
     ray stop
+    # ray stop leaves the head's address behind; a later ray.init() with no address
+    # would try to join that dead cluster and hang.
+    rm -f "${RAY_TMPDIR:-/tmp}/ray/ray_current_cluster"
     ;;
   *)
     sed -n '2,14p' "$0"; exit 2

@@ -214,6 +214,11 @@ def simulate(
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
+    # Flower's engine calls ray.init() with no address, which joins whatever cluster
+    # /tmp/ray/ray_current_cluster names, even one long dead (ray.init then hangs and
+    # the simulation crashes). A private Ray instance unless RAY_ADDRESS asks for a
+    # cluster (simulations/multinode.sh sets it).
+    env.setdefault("RAY_ADDRESS", "local")
     # Each call gets its own local SuperLink on free ports, with its own state under
     # OUT/flwr-home (unless FLWR_HOME is set), so concurrent simulations (a sweep
     # beside a long run) never share one, and stopping ours stops no other.

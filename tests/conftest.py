@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random BERT recommender and a token table of a toy catalogue."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,10 @@ from fedrec.config import LoraSettings, ModelConfig
 from fedrec.model.build import build_recommender
 from fedrec.model.encoder import load_tokenizer
 from fedrec.tokens import build_token_table
+
+# Every simulation the tests start (in this process or in `flwr run` children) gets a
+# private Ray instance, whatever cluster a leftover /tmp/ray/ray_current_cluster names.
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 TINY = ModelConfig(name="tiny-random", max_item_tokens=12, max_user_tokens=24, history_items=5)
 LORA = LoraSettings(r=4, alpha=8)
