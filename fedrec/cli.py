@@ -1,4 +1,4 @@
-"""The ``fedrec`` command line: simulate, prepare data, run the central baseline."""
+"""The ``fedrec`` command line: simulate, prepare data, run baselines, deploy, serve."""
 
 from __future__ import annotations
 
@@ -122,6 +122,47 @@ def _deploy_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommendation_table(found: list) -> str:
+    rows = [f"{'item_id':>10}  {'score':>7}  {'title':<48} because you have"]
+    for r in found:
+        rows.append(f"{r.item_id:>10}  {r.score:7.4f}  {r.title[:48]:<48} {'; '.join(r.because)}")
+    return "\n".join(rows)
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from fedrec.serving import Recommender
+
+    if args.user is None and not args.items and not args.text:
+        raise ValueError("give --user, or a new user's --items and/or --text")
+    recommender = Recommender.from_run(args.model, args.round, args.quantize)
+    if args.user is not None:
+        found = recommender.for_user(args.user, args.k)
+    else:
+        found = recommender.for_history(args.items or [], args.text or [], args.k)
+    if args.json:
+        print(json.dumps([r.to_json() for r in found], indent=2))
+    else:
+        print(_recommendation_table(found))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedrec.serving import Recommender
+    from fedrec.serving.http import make_server
+
+    recommender = Recommender.from_run(args.model, args.round, args.quantize)
+    server = make_server(recommender, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {recommender.num_items} items on http://{host}:{port} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -171,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(export)
     export.add_argument("--users", type=int, default=0, help="only the first N users (default: all)")
     export.set_defaults(func=_deploy_export)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
+        p.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
+        p.add_argument("--quantize", choices=("none", "int8"), default="none", help="dynamic int8 encoder on CPU")
+
+    recommend = sub.add_parser("recommend", help="top-k items for a user of a trained run, or a new user")
+    model_options(recommend)
+    recommend.add_argument("--user", help="a user id of the run's dataset")
+    recommend.add_argument("--items", nargs="+", help="a new user's item ids, oldest first")
+    recommend.add_argument("--text", action="append", help="a new user's item title not in the catalogue (repeat)")
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default: %(default)s)")
+    recommend.add_argument("--json", action="store_true", help="print JSON")
+    recommend.set_defaults(func=_recommend)
+    serve = sub.add_parser("serve", help="an HTTP endpoint for recommendations (docs/serving.md)")
+    model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -7,7 +7,7 @@ title tokens without calling the tokenizer again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +98,18 @@ def history_tokens(
 
     Items are given most recent first; the text is cut at ``max_tokens``.
     """
+    return join_titles(table, (table.title_tokens[item] for item in recent_first_items), max_tokens)
+
+
+def join_titles(
+    table: TokenTable, recent_first_titles: Iterable[np.ndarray], max_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`history_tokens` for title token ids of any items, catalogued or not."""
     pieces: list[np.ndarray] = [np.array([table.cls_id], dtype=np.int32)]
     budget = max_tokens - 2
-    for n, item in enumerate(recent_first_items):
+    for n, piece in enumerate(recent_first_titles):
         if budget <= 0:
             break
-        piece = table.title_tokens[item]
         if n:
             piece = np.concatenate([table.separator_ids, piece])
         piece = piece[:budget]

@@ -2,9 +2,11 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from fedrec.checkpoint import latest_checkpoint
+from fedrec.cli import main
 from simulations.runner import _local_superlinks, simulate
 from tests.conftest import toy_run_config
 
@@ -23,7 +25,7 @@ def flwr_home(tmp_path, monkeypatch):
     assert not left, "the runner left a SuperLink running"
 
 
-def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
+def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, capsys):
     overrides = toy_run_config(tmp_path, **{"fraction-evaluate": 0.5})
     results = simulate("smoke", overrides, stream=False)
 
@@ -47,6 +49,17 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home):
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == results["rounds"]
     assert latest_checkpoint(out)[0] == 3
+
+    # serving the run: `fedrec recommend --model DIR --user U --k 10`
+    capsys.readouterr()
+    assert main(["recommend", "--model", str(out), "--user", "u1", "--k", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    recommended = [line.split()[0] for line in lines]
+    scores = [float(line.split()[1]) for line in lines]
+    assert len(set(recommended)) == 10 and scores == sorted(scores, reverse=True)
+    inter = pd.read_csv(tmp_path / "data" / "interactions.csv")
+    assert not set(inter.loc[inter["user_id"] == "u1", "item_id"]) & set(recommended)
+
 
 
 def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, flwr_home):

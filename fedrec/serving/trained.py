@@ -1,0 +1,122 @@
+"""A trained run, loaded for inference: settings, catalogue and merged model.
+
+A run directory written by ``fedrec simulate`` (or the ServerApp) holds
+``metrics.json`` (whose ``settings`` are the run config) and
+``checkpoints/round-NNNN/`` (PEFT adapters). Serving rebuilds the same base
+encoder, loads the chosen round's adapters and merges them into the base weights
+(``merge_and_unload``): inference then costs exactly a plain BERT forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedrec.checkpoint import checkpoint_dir, latest_checkpoint
+from fedrec.config import FedRecConfig, load_config
+from fedrec.model.adapters import load_saved_adapter
+from fedrec.model.build import build_recommender, token_table
+from fedrec.model.recommender import TwoTowerRecommender
+from fedrec.prepare import PreparedData, prepare
+from fedrec.results import METRICS_FILE
+from fedrec.tokens import TokenTable
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
+
+
+class RunDirectoryError(ValueError):
+    """The folder is not a usable fedrec run (no settings, no checkpoint)."""
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Everything inference needs from one run, loaded once."""
+
+    run_dir: Path
+    config: FedRecConfig
+    prepared: PreparedData
+    table: TokenTable
+    model: TwoTowerRecommender
+    server_round: int
+    quantization: str
+
+
+def run_config_of(run_dir: Path) -> FedRecConfig:
+    """The validated settings a run was started with (``metrics.json``)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RunDirectoryError(
+            f"{run_dir} is not a fedrec run directory: no {METRICS_FILE} "
+            "(give the --out folder of `fedrec simulate`)"
+        )
+    try:
+        settings = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise RunDirectoryError(f"{path}: not a fedrec metrics file ({err})") from err
+    return load_config(settings)
+
+
+def _checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]:
+    if server_round is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise RunDirectoryError(f"{run_dir}/checkpoints holds no complete checkpoint")
+        return found
+    folder = checkpoint_dir(run_dir, server_round)
+    if not (folder / "adapter_model.safetensors").exists():
+        raise RunDirectoryError(f"no checkpoint of round {server_round} at {folder}")
+    return server_round, folder
+
+
+def quantize_int8(model: TwoTowerRecommender) -> TwoTowerRecommender:
+    """Dynamic int8 quantization of every Linear layer (weights int8, CPU only).
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao but still works
+    in torch 2.13, which fedrec pins below; its warning is silenced here.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def load_trained(
+    run_dir: Path, server_round: int | None = None, quantization: str = "none"
+) -> TrainedModel:
+    """Load a run's settings, catalogue and model with merged adapters, for CPU inference.
+
+    ``server_round`` picks a checkpoint (default: the newest); ``quantization``
+    ``int8`` quantizes the merged encoder's linear layers dynamically.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
+    run_dir = Path(run_dir)
+    config = run_config_of(run_dir)
+    server_round, folder = _checkpoint(run_dir, server_round)
+    prepared = prepare(config.data, config.eval)
+    recommender = build_recommender(config.model, config.lora)
+    load_saved_adapter(recommender.encoder, folder)
+    model = TwoTowerRecommender(recommender.encoder.merge_and_unload(), recommender.temperature)
+    model.eval()
+    if quantization == "int8":
+        model = quantize_int8(model)
+    log.info("loaded %s round %d (%s)", run_dir, server_round, quantization)
+    return TrainedModel(
+        run_dir=run_dir,
+        config=config,
+        prepared=prepared,
+        table=token_table(prepared, config.model),
+        model=model,
+        server_round=server_round,
+        quantization=quantization,
+    )
