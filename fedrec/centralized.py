@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fedrec.config import FedRecConfig, to_run_config
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
+from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
 from fedrec.training import make_loader, make_optimizer, train_local
@@ -57,6 +58,10 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
     configure_threads(config.runtime)
     prepared = prepare(config.data, config.eval)
     model = GlobalModel(config, prepared)
+    if config.model.cache_frozen_items:
+        model.model.item_states = compute_item_states(
+            model.model.encoder, model.table, first_adapted_layer(config.lora)
+        )
     examples = build_examples(prepared.all_train_items, config.model.history_items)
     dataset = NextItemDataset(
         examples, model.table, config.train.num_negatives, config.model.max_user_tokens, config.federation.seed

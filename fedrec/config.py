@@ -118,6 +118,10 @@ class ModelConfig:
     """At most this many recent items make up a user's history text."""
     temperature: float = 0.05
     """Softmax temperature on cosine scores during training."""
+    cache_frozen_items: bool = False
+    """Run item texts through the frozen layers below the first adapted one once per
+    process and train the item tower through the adapted top layers only; needs
+    ``lora.layers`` to leave the lowest layers without adapters."""
 
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
@@ -274,6 +278,12 @@ class FedRecConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            not self.model.cache_frozen_items or bool(self.lora.layer_list) and min(self.lora.layer_list) > 0,
+            "model.cache-frozen-items",
+            "needs lora.layers to leave the lowest layers without adapters (e.g. lora.layers=\"4,5\"): "
+            "with adapters in layer 0 no layer is frozen for every item",
+        )
         if self.federation.wire_dtype != "float32":
             # SecAgg+ masks and server-side clipping work on the adapters themselves.
             _check(not self.secagg.enabled, "wire-dtype", "must be float32 with secagg.enabled")

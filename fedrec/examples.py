@@ -84,4 +84,5 @@ class NextItemDataset(Dataset):
             "user_mask": torch.from_numpy(user_mask.astype(np.int64)),
             "item_ids": torch.from_numpy(self.table.item_ids[candidates].astype(np.int64)),
             "item_mask": torch.from_numpy(self.table.item_mask[candidates].astype(np.int64)),
+            "items": torch.from_numpy(candidates.astype(np.int64)),
         }

@@ -14,7 +14,7 @@ from fedrec.config import FedRecConfig
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.model.adapters import adapter_state, load_adapter_state
-from fedrec.model.build import cached_recommender, token_table
+from fedrec.model.build import cached_item_states, cached_recommender, token_table
 from fedrec.prepare import PreparedData
 from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
 from fedrec.privacy.budget import BudgetExhausted, noise_for, planned_steps
@@ -77,6 +77,9 @@ def run_local_round(
     device = select_device(config.runtime)
     model = cached_recommender(config.model, config.lora).to(device)
     load_adapter_state(model.encoder, global_adapters)
+    model.item_states = (
+        cached_item_states(config.model, config.lora, table) if config.model.cache_frozen_items else None
+    )
     seed = round_seed(config, server_round, data.partition_id)
     examples = build_examples(data.sequences, config.model.history_items)
     if not examples:

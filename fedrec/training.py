@@ -91,7 +91,9 @@ def train_local(
             steps += 1
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"])
+        logits = model(
+            batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"], batch.get("items")
+        )
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
         loss = loss_fn(logits, target)
         optimizer.zero_grad(set_to_none=True)

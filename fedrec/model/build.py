@@ -1,7 +1,8 @@
 """Building the LoRA recommender and its token table, once per process.
 
-A Ray actor runs many virtual clients one after another; the frozen base model
-and the token table are built once per actor (``functools.lru_cache``) and each
+A Ray actor runs many virtual clients one after another; the frozen base model,
+the token table and (``model.cache-frozen-items``) the catalogue's frozen
+lower-layer states are built once per actor (``functools.lru_cache``) and each
 client only swaps in the adapters it received.
 """
 
@@ -15,6 +16,11 @@ from typing import TYPE_CHECKING
 from fedrec.config import LoraSettings, ModelConfig
 from fedrec.model.adapters import add_lora
 from fedrec.model.encoder import load_encoder, load_tokenizer
+from fedrec.model.frozen_cache import (
+    FrozenItemStates,
+    compute_item_states,
+    first_adapted_layer,
+)
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.tokens import TokenTable, build_token_table
 
@@ -57,3 +63,22 @@ def token_table(prepared: PreparedData, model: ModelConfig) -> TokenTable:
 def cached_token_table(path: Path) -> TokenTable:
     """Token table read from disk once per process."""
     return TokenTable.load(path)
+
+
+_ITEM_STATES: dict[tuple, FrozenItemStates] = {}
+
+
+def cached_item_states(model: ModelConfig, lora: LoraSettings, table: TokenTable) -> FrozenItemStates:
+    """The catalogue's frozen lower-layer states for these settings, built once per process.
+
+    Keyed by the settings and a digest of the catalogue's tokens, so a process
+    that serves two catalogues (or two models) keeps them apart.
+    """
+    tokens = hashlib.sha256(table.item_ids.tobytes() + table.item_mask.tobytes()).hexdigest()
+    key = (model, lora, tokens)
+    if key not in _ITEM_STATES:
+        if len(_ITEM_STATES) >= 2:
+            _ITEM_STATES.pop(next(iter(_ITEM_STATES)))
+        encoder = cached_recommender(model, lora).encoder
+        _ITEM_STATES[key] = compute_item_states(encoder, table, first_adapted_layer(lora))
+    return _ITEM_STATES[key]

@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedrec.model.frozen_cache import FrozenItemStates, embed_cached_items
+from fedrec.model.pooling import mean_pool, unit_mean_pool
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average the token states where ``mask`` is 1."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+__all__ = ["TwoTowerRecommender", "mean_pool"]
 
 
 class TwoTowerRecommender(nn.Module):
@@ -33,6 +32,9 @@ class TwoTowerRecommender(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.temperature = temperature
+        self.item_states: FrozenItemStates | None = None
+        """Frozen lower-layer states of the catalogue (``model.cache-frozen-items``);
+        used when ``forward`` is given the candidates' catalogue indices."""
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings of a batch of token sequences, shape [B, D].
@@ -43,7 +45,7 @@ class TwoTowerRecommender(nn.Module):
         length = int(attention_mask.sum(1).max().clamp(min=1))
         input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
+        return unit_mean_pool(hidden, attention_mask)
 
     def forward(
         self,
@@ -51,14 +53,27 @@ class TwoTowerRecommender(nn.Module):
         user_mask: torch.Tensor,
         item_ids: torch.Tensor,
         item_mask: torch.Tensor,
+        items: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C] of C candidate items per user (column 0: the positive).
 
-        ``user_ids``/``user_mask``: [B, Tu]; ``item_ids``/``item_mask``: [B, C, Ti].
+        ``user_ids``/``user_mask``: [B, Tu]; ``item_ids``/``item_mask``: [B, C, Ti];
+        ``items``: the candidates' catalogue indices [B, C], which let the item
+        tower start from :attr:`item_states` when it is set.
         """
         users = self.embed(user_ids, user_mask)
-        items = torch.stack(
-            [self.embed(item_ids[:, c], item_mask[:, c]) for c in range(item_ids.shape[1])],
-            dim=1,
-        )
-        return torch.einsum("bd,bcd->bc", users, items) / self.temperature
+        return torch.einsum("bd,bcd->bc", users, self.embed_candidates(item_ids, item_mask, items)) / self.temperature
+
+    def embed_candidates(
+        self, item_ids: torch.Tensor, item_mask: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings [B, C, D] of each example's candidates, one encoder call per column.
+
+        With :attr:`item_states` set and the catalogue indices ``items`` given, the
+        item tower starts at the first adapted layer (the frozen-layer cache).
+        """
+        if items is not None and self.item_states is not None:
+            columns = [embed_cached_items(self.encoder, self.item_states, items[:, c]) for c in range(items.shape[1])]
+        else:
+            columns = [self.embed(item_ids[:, c], item_mask[:, c]) for c in range(item_ids.shape[1])]
+        return torch.stack(columns, dim=1)
