@@ -23,7 +23,7 @@ from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
 from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
-from fedrec.runtime import configure_threads
+from fedrec.runtime import autocast_dtype, configure_threads
 from fedrec.training import make_loader, make_optimizer, train_local
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
     torch.manual_seed(config.federation.seed)
     batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))
     optimizer = make_optimizer(model.model, config.train)
+    precision = autocast_dtype(config.runtime, model.device)
     out = Path(config.federation.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, float]] = []
@@ -79,7 +80,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
             # Short chunks keep the progress bar moving; the loader keeps its place.
             chunk = min(PROGRESS_STEPS, steps - done, eval_every - since_eval)
             train_cfg = dataclasses.replace(config.train, max_steps=chunk, local_epochs=1)
-            result = train_local(model.model, batches, optimizer, train_cfg, model.device)
+            result = train_local(model.model, batches, optimizer, train_cfg, model.device, precision)
             if result.steps == 0:
                 raise RuntimeError("central training made no step; the training data is empty")
             done, since_eval = done + result.steps, since_eval + result.steps

@@ -255,9 +255,13 @@ class RuntimeConfig:
     """auto (CUDA when present), cpu, cuda."""
     threads: int = 0
     """Torch/OMP threads per process (0: OMP_NUM_THREADS as Ray assigns it, else all cores)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on a CUDA device that supports it, else fp32), fp32, or bf16
+    (autocast on any device; on CPUs without bf16 units it is slower than fp32)."""
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda"), "runtime.device", "auto, cpu or cuda")
+        _check(self.precision in ("auto", "fp32", "bf16"), "runtime.precision", "auto, fp32 or bf16")
         _check(self.threads >= 0, "runtime.threads", "must be >= 0")
 
 

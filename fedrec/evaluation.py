@@ -130,6 +130,7 @@ def model_scorer(
         user_vectors = encode_users(
             model, table, [histories[u] for u in users], history_items, max_user_tokens, device
         )
-        return (user_vectors @ items.T).float().cpu().numpy()
+        with torch.autocast(device.type, enabled=False):  # rank in float32 even under autocast
+            return (user_vectors.float() @ items.float().T).cpu().numpy()
 
     return score

@@ -13,7 +13,7 @@ from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.model.adapters import adapter_state, load_adapter_state, state_bytes
 from fedrec.model.build import build_recommender, token_table
 from fedrec.prepare import PreparedData
-from fedrec.runtime import select_device
+from fedrec.runtime import autocast, select_device
 
 
 class GlobalModel:
@@ -45,17 +45,18 @@ class GlobalModel:
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Sampled and full-ranking metrics of the current adapters."""
-        scorer = model_scorer(
-            self.model,
-            self.table,
-            histories_for(self.prepared, split),
-            self.config.model.history_items,
-            self.config.model.max_user_tokens,
-            self.device,
-        )
-        return evaluate_scorer(
-            scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users
-        )
+        with autocast(self.config.runtime, self.device):
+            scorer = model_scorer(
+                self.model,
+                self.table,
+                histories_for(self.prepared, split),
+                self.config.model.history_items,
+                self.config.model.max_user_tokens,
+                self.device,
+            )
+            return evaluate_scorer(
+                scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users
+            )
 
     def checkpoint(self, out_dir: Path, server_round: int) -> Path:
         return save_checkpoint(self.model.encoder, out_dir, server_round)

@@ -24,7 +24,7 @@ from fedrec.privacy.dp_sgd import (
     poisson_sample_rate,
     state_after,
 )
-from fedrec.runtime import configure_threads, select_device
+from fedrec.runtime import autocast, autocast_dtype, configure_threads, select_device
 from fedrec.tokens import TokenTable
 from fedrec.training import TrainResult, make_loader, make_optimizer, train_local
 
@@ -91,7 +91,7 @@ def run_local_round(
     loader = make_loader(dataset, config.train.batch_size, seed)
     optimizer = make_optimizer(model, config.train)
     if not config.dp.enabled:
-        result = train_local(model, loader, optimizer, config.train, device)
+        result = train_local(model, loader, optimizer, config.train, device, autocast_dtype(config.runtime, device))
         return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
     state = accountant or AccountantState(config.dp.accountant)
     result, report = _train_privately(config, model, loader, optimizer, state, device)
@@ -120,7 +120,9 @@ def _train_privately(
         model, optimizer, loader, dp, noise, state
     )
     try:
-        result = train_local(private_model, private_loader, private_optimizer, config.train, device)
+        result = train_local(
+            private_model, private_loader, private_optimizer, config.train, device, autocast_dtype(config.runtime, device)
+        )
     finally:
         detach_private(private_model)
     new_state = state_after(engine, state)
@@ -141,12 +143,13 @@ def evaluate_local(
     device = select_device(config.runtime)
     model = cached_recommender(config.model, config.lora).to(device)
     load_adapter_state(model.encoder, global_adapters)
-    scorer = model_scorer(
-        model,
-        token_table(prepared, config.model),
-        histories_for(prepared, "test"),
-        config.model.history_items,
-        config.model.max_user_tokens,
-        device,
-    )
-    return evaluate_scorer(scorer, prepared, "test", config.eval.k, users=data.users)
+    with autocast(config.runtime, device):
+        scorer = model_scorer(
+            model,
+            token_table(prepared, config.model),
+            histories_for(prepared, "test"),
+            config.model.history_items,
+            config.model.max_user_tokens,
+            device,
+        )
+        return evaluate_scorer(scorer, prepared, "test", config.eval.k, users=data.users)

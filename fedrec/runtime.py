@@ -1,4 +1,4 @@
-"""Where computation runs: device choice and CPU thread counts."""
+"""Where computation runs: device choice, mixed precision and CPU thread counts."""
 
 from __future__ import annotations
 
@@ -16,6 +16,24 @@ def select_device(config: RuntimeConfig) -> torch.device:
     if config.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def autocast_dtype(config: RuntimeConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``runtime.precision`` on ``device`` (None: plain fp32)."""
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(config: RuntimeConfig, device: torch.device) -> torch.autocast:
+    """Mixed-precision context of ``runtime.precision`` (disabled for fp32).
+
+    Weights, optimizer state and adapters stay float32; matrix products run in bf16.
+    """
+    dtype = autocast_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def configure_threads(config: RuntimeConfig) -> int:

@@ -67,6 +67,7 @@ def train_local(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     device: torch.device,
+    precision: torch.dtype | None = None,
 ) -> TrainResult:
     """Run ``local_epochs`` epochs (stopping after ``max_steps`` steps if set).
 
@@ -77,6 +78,9 @@ def train_local(
     passed through the encoder, which cannot take it; it still counts as a step,
     and a per-sample-gradient optimizer takes it as a noise-only step (see
     :func:`_empty_step`), so every step the accountant counts is a step that ran.
+
+    ``precision`` (e.g. ``torch.bfloat16``, from :func:`fedrec.runtime.autocast_dtype`)
+    runs the forward pass under autocast; weights and their updates stay float32.
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -91,11 +95,12 @@ def train_local(
             steps += 1
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(
-            batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"], batch.get("items")
-        )
-        target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
-        loss = loss_fn(logits, target)
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            logits = model(
+                batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"], batch.get("items")
+            )
+            target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+            loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

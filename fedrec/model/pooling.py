@@ -13,5 +13,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def unit_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalised :func:`mean_pool`: the embedding both towers produce."""
-    return nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
+    """L2-normalised :func:`mean_pool`: the embedding both towers produce.
+
+    Pooled in float32 whatever the encoder's (autocast) output dtype.
+    """
+    return nn.functional.normalize(mean_pool(hidden.float(), mask), dim=-1)
