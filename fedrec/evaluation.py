@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from fedrec.metrics import ranking_metrics, target_ranks
+from fedrec.metrics import beyond_accuracy, ranking_metrics, target_ranks
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
 from fedrec.tokens import TokenTable, history_tokens
@@ -41,17 +41,20 @@ def evaluate_scorer(
     max_users: int = 0,
     users: np.ndarray | None = None,
     chunk: int = 512,
+    beyond: bool = False,
 ) -> dict[str, float]:
     """Sampled and full-ranking metrics of ``scorer`` on the ``split`` items.
 
     ``users`` restricts the evaluation (e.g. to one client's users); otherwise
-    the first ``max_users`` users (0: all) are evaluated.
+    the first ``max_users`` users (0: all) are evaluated. ``beyond`` adds the
+    catalogue-wide figures of :func:`fedrec.metrics.beyond_accuracy` (coverage,
+    popularity bias, HR per activity quartile) of the full-ranking top-k.
     """
     candidates = prepared.candidates(split)
     histories = histories_for(prepared, split)
     if users is None:
         users = np.arange(len(candidates) if not max_users else min(max_users, len(candidates)))
-    sampled_ranks, full_ranks = [], []
+    sampled_ranks, full_ranks, top_items = [], [], []
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
         scores = np.asarray(scorer(batch), dtype=np.float64)
@@ -63,9 +66,20 @@ def evaluate_scorer(
             seen = histories[user]
             scores[row, seen[seen != target[row]]] = -np.inf
         full_ranks.append(target_ranks(scores, target_scores))
-    metrics = ranking_metrics(np.concatenate(sampled_ranks), k)
-    metrics.update(ranking_metrics(np.concatenate(full_ranks), k, full=True))
+        if beyond:  # the full-ranking top-k: what the user would be shown
+            top_items.append(np.argpartition(-scores, k - 1, axis=1)[:, :k])
+    sampled, full = np.concatenate(sampled_ranks), np.concatenate(full_ranks)
+    metrics = ranking_metrics(sampled, k)
+    metrics.update(ranking_metrics(full, k, full=True))
     metrics["num_users"] = float(len(users))
+    if beyond:
+        popularity = np.bincount(np.asarray(prepared.train["item_idx"]), minlength=prepared.num_items)
+        activity = prepared.users["num_train"].to_numpy()[users]
+        metrics.update(
+            beyond_accuracy(
+                np.concatenate(top_items), popularity, candidates[users, 0], sampled, full, activity, k
+            )
+        )
     return metrics
 
 

@@ -55,7 +55,7 @@ class GlobalModel:
                 self.device,
             )
             return evaluate_scorer(
-                scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users
+                scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users, beyond=True
             )
 
     def checkpoint(self, out_dir: Path, server_round: int) -> Path:

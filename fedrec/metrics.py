@@ -45,3 +45,49 @@ def ranking_metrics(ranks: np.ndarray, k: int, full: bool = False) -> dict[str, 
         metric_name("f1", k, full): f1.mean(),
     }
     return {name: float(v) for name, v in values.items()}
+
+
+def activity_quartiles(activity: np.ndarray) -> np.ndarray:
+    """Quartile 1..4 of each user by activity (1: the lightest quarter); ties by order."""
+    order = np.argsort(np.asarray(activity), kind="stable")
+    quartile = np.empty(len(order), dtype=np.int64)
+    for q, members in enumerate(np.array_split(order, 4), start=1):
+        quartile[members] = q
+    return quartile
+
+
+def beyond_accuracy(
+    top_items: np.ndarray,
+    item_popularity: np.ndarray,
+    target_items: np.ndarray,
+    sampled_ranks: np.ndarray,
+    full_ranks: np.ndarray,
+    activity: np.ndarray,
+    k: int,
+) -> dict[str, float]:
+    """Coverage, popularity bias and HR per user-activity quartile.
+
+    * ``coverage@k``: share of the catalogue that appears in some user's top-k
+      (full ranking, the user's history excluded);
+    * ``popularity@k``: mean training popularity (interaction count) of the
+      recommended items, against ``popularity_test``, that of the held-out items;
+      ``popularity_ratio@k`` is their ratio (above 1: biased towards the popular);
+    * ``hr@k_q1`` .. ``hr@k_q4`` (and ``hr@k_full_q*``): HR of the users in each
+      quartile of training activity, q1 the lightest.
+    """
+    popularity = np.asarray(item_popularity, dtype=np.float64)
+    recommended = float(popularity[top_items].mean())
+    held_out = float(popularity[target_items].mean())
+    values = {
+        f"coverage@{k}": len(np.unique(top_items)) / len(popularity),
+        f"popularity@{k}": recommended,
+        "popularity_test": held_out,
+        f"popularity_ratio@{k}": recommended / held_out if held_out else float("nan"),
+    }
+    quartile = activity_quartiles(activity)
+    for q in range(1, 5):
+        members = quartile == q
+        if members.any():
+            values[f"{metric_name('hr', k)}_q{q}"] = float((sampled_ranks[members] < k).mean())
+            values[f"{metric_name('hr', k, True)}_q{q}"] = float((full_ranks[members] < k).mean())
+    return values

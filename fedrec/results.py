@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedrec.tracking import write_rounds_csv
+
 METRICS_FILE = "metrics.json"
 
 
@@ -51,13 +53,14 @@ class RunRecord:
         self.rounds.sort(key=lambda r: r["round"])
 
     def write(self, out_dir: Path) -> Path:
-        """Atomically write ``out_dir/metrics.json``."""
+        """Atomically write ``out_dir/metrics.json`` (and its rounds as ``metrics.csv``)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / METRICS_FILE
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2))
         tmp.replace(path)
+        write_rounds_csv(self.rounds, out_dir)
         return path
 
 

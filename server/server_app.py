@@ -20,6 +20,7 @@ from fedrec.model.adapters import load_saved_adapter
 from fedrec.prepare import prepare
 from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
+from fedrec.tracking import TensorBoardLog
 from server.secure_aggregation import SecAggFedRec
 from server.strategy import FedRecAvg
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
@@ -51,7 +52,7 @@ def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tu
     )
     log.info("Popularity baseline ...")
     record.baselines["popularity"] = evaluate_scorer(
-        popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users
+        popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users, beyond=True
     )
     log.info("Pretrained model before any round (zero-shot) ...")
     record.baselines["pretrained"] = model.evaluate("test")
@@ -105,6 +106,7 @@ def main(grid: Grid, context: Context) -> None:
         else wrap_strategy(strategy, config.user_dp, clients_per_round(strategy, num_nodes))
     )
     clock = {"start": time.monotonic()}
+    tensorboard = TensorBoardLog(out_dir)
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -123,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         clock["start"] = time.monotonic()
         record.add_round(values)
         record.write(out_dir)
+        tensorboard.log_round(values)
         log.info(
             "round %d/%d  loss %.4f  %s%s  (%.1fs)",
             current,
@@ -155,4 +158,5 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest}),
             evaluate_fn=evaluate_round,
         )
-    log.info("Wrote %s", out_dir / "metrics.json")
+    tensorboard.close()
+    log.info("Wrote %s (and metrics.csv, tensorboard/)", out_dir / "metrics.json")

@@ -88,3 +88,24 @@ def test_centralized_baseline_trains_across_epochs_and_reports(tmp_path):
     assert [h["step"] for h in results["history"]] == [3, 5]
     assert (tmp_path / "out" / "centralized.json").exists()
     assert 0 <= results["final"]["hr@10_full"] <= 1
+
+
+def test_beyond_accuracy_of_an_oracle(toy_prepared):
+    """An oracle's top-1 is the held-out item: coverage = distinct targets, no popularity bias."""
+    _, prepared = toy_prepared
+    target = prepared.candidates("test")[:, 0]
+
+    def oracle(users):
+        scores = np.zeros((len(users), prepared.num_items))
+        scores[np.arange(len(users)), target[users]] = 1.0
+        return scores
+
+    values = evaluate_scorer(oracle, prepared, "test", k=1, beyond=True)
+    assert values["coverage@1"] == len(np.unique(target)) / prepared.num_items
+    assert values["popularity@1"] == values["popularity_test"] and values["popularity_ratio@1"] == 1.0
+    assert all(values[f"hr@1_q{q}"] == 1.0 and values[f"hr@1_full_q{q}"] == 1.0 for q in range(1, 5))
+    popular = evaluate_scorer(popularity_scorer(prepared), prepared, "test", k=3, beyond=True)
+    assert popular["popularity_ratio@3"] > 1.0  # the most popular items, by construction
+    sizes = np.array([len(q) for q in np.array_split(np.arange(prepared.num_users), 4)])
+    overall = sum(popular[f"hr@3_q{q + 1}"] * n for q, n in enumerate(sizes)) / sizes.sum()
+    assert overall == pytest.approx(popular["hr@3"])

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedrec.checkpoint import latest_checkpoint
 from fedrec.cli import main
@@ -49,6 +50,11 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == results["rounds"]
     assert latest_checkpoint(out)[0] == 3
+    # experiment tracking: the same rounds as CSV and TensorBoard events (both runs')
+    assert pd.read_csv(out / "metrics.csv")["round"].tolist() == [1, 2, 3]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("hr_at_10")] == [1, 2, 3]
 
     # serving the run: `fedrec recommend --model DIR --user U --k 10`
     capsys.readouterr()
