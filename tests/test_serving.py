@@ -121,8 +121,9 @@ def test_new_user_from_ids_or_from_titles_matches_a_known_user(recommender, refe
     titles = prepared.items["title"].iloc[history].tolist()
     as_user = recommender.for_user(user_id, k=4)
     assert recommender.for_history(item_ids=ids, k=4) == as_user
-    # titles typed as free text tokenize exactly as the catalogue's titles
+    # titles typed as free text tokenize exactly as the catalogue's titles, and are excluded
     torch.testing.assert_close(recommender.user_vector(np.zeros(0, np.int64), titles), recommender.user_vector(history))
+    assert recommender.for_history(texts=[t.upper() for t in titles], k=4) == as_user
 
 
 def test_bad_requests_raise_errors_that_name_the_input(recommender):

@@ -164,11 +164,18 @@ class Recommender:
         nearest = torch.topk(similarity, n, dim=1).indices.numpy()
         return [tuple(self.titles[unique[j]] for j in row) for row in nearest]
 
+    @cached_property
+    def _index_of_title(self) -> dict[str, int]:
+        return {title.strip().casefold(): i for i, title in enumerate(self.titles)}
+
     def _answer(self, history: np.ndarray, texts: Sequence[str], k: int) -> list[Recommendation]:
         if k < 1:
             raise ServingError(f"k must be >= 1, not {k}")
-        indices, scores = self.top_k(self.user_vector(history, texts), history, k)
-        reasons = self._explain(indices, history)
+        # a free-text title that names a catalogue item is something the user has too
+        named = [self._index_of_title[t.strip().casefold()] for t in texts if t.strip().casefold() in self._index_of_title]
+        exclude = np.concatenate([history, np.asarray(named, dtype=np.int64)])
+        indices, scores = self.top_k(self.user_vector(history, texts), exclude, k)
+        reasons = self._explain(indices, exclude)
         return [
             Recommendation(self.item_ids[i], self.titles[i], float(s), why)
             for i, s, why in zip(indices, scores, reasons)
