@@ -17,7 +17,7 @@ from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.logs import setup_logging
 from fedrec.model.adapters import load_saved_adapter
-from fedrec.prepare import prepare
+from fedrec.prepare import PreparedData, prepare
 from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
@@ -33,27 +33,51 @@ SUMMARY_METRICS = ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full")
 DEFAULT_ROUND_TIMEOUT = 3600.0  # Flower's default for Strategy.start
 
 
+def _dataset_info(config: FedRecConfig, prepared: PreparedData) -> dict:
+    return {
+        "name": config.data.name,
+        "prepared": prepared.root.name,
+        **{k: prepared.meta[k] for k in ("num_users", "num_items", "num_train")},
+    }
+
+
+def _popularity_baseline(config: FedRecConfig, prepared: PreparedData) -> dict[str, float]:
+    log.info("Popularity baseline ...")
+    return evaluate_scorer(
+        popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users, beyond=True
+    )
+
+
 def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tuple[RunRecord, int]:
-    """A fresh record, or the earlier one and its last round when resuming."""
+    """A fresh record, or the earlier one and its last round when resuming.
+
+    A resumed run may train on new data (more interactions, users or items:
+    incremental learning): the adapters carry over, since items and users are
+    embedded from text; the record notes from which round the new data counts
+    and recomputes the popularity baseline on it.
+    """
     previous = read_record(out_dir) if config.federation.resume else None
     found = latest_checkpoint(out_dir) if config.federation.resume else None
+    dataset = _dataset_info(config, model.prepared)
     if previous is not None and found is not None:
         start_round, folder = found
         load_saved_adapter(model.model.encoder, folder)
         previous.rounds = [r for r in previous.rounds if r[records.ROUND] <= start_round]
         previous.settings = to_run_config(config)
         log.info("Resuming from %s (round %d)", folder, start_round)
+        if any(
+            previous.dataset.get(k) != v for k, v in dataset.items() if k in previous.dataset or k != "prepared"
+        ):
+            log.info("New data since round %d: %s", start_round, dataset)
+            previous.dataset = {**dataset, "since_round": start_round + 1, "before": previous.dataset}
+            previous.baselines["popularity"] = _popularity_baseline(config, model.prepared)
         return previous, start_round
-    prepared = model.prepared
     record = RunRecord(
         settings=to_run_config(config),
-        dataset={"name": config.data.name, **{k: prepared.meta[k] for k in ("num_users", "num_items", "num_train")}},
+        dataset=dataset,
         model={**model.size_report(), "adapter_wire_bytes": ArrayRecord(model.adapters()).count_bytes()},
     )
-    log.info("Popularity baseline ...")
-    record.baselines["popularity"] = evaluate_scorer(
-        popularity_scorer(prepared), prepared, "test", config.eval.k, config.eval.max_users, beyond=True
-    )
+    record.baselines["popularity"] = _popularity_baseline(config, model.prepared)
     log.info("Pretrained model before any round (zero-shot) ...")
     record.baselines["pretrained"] = model.evaluate("test")
     return record, 0

@@ -100,3 +100,27 @@ def test_secure_aggregation_through_flwr_run(tmp_path, flwr_home):
         assert record["train_loss"] > 0
         assert 1.8 * plain_bytes < record["bytes_up_per_client"] < 2.2 * plain_bytes
         assert record["secagg_error_bound"] < 1e-3
+
+
+def test_resume_on_new_interactions_continues_the_run(tmp_path, flwr_home):
+    """Incremental learning: new interactions arrive; the run goes on from its checkpoint."""
+    overrides = toy_run_config(tmp_path, **{"num-server-rounds": 1})
+    first = simulate("smoke", overrides, stream=False)
+    inter = pd.read_csv(overrides["data.path"])
+    later = inter.groupby("user_id", as_index=False).last()  # one more item per user, later on
+    later["item_id"] = [f"i{(int(i[1:]) + 2) % 40}" for i in later["item_id"]]
+    later["timestamp"] += 10_000
+    grown = pd.concat([inter, later]).drop_duplicates(["user_id", "item_id"])
+    new_path = tmp_path / "new-data" / "interactions.csv"
+    new_path.parent.mkdir()
+    grown.to_csv(new_path, index=False)
+
+    resumed = simulate(
+        "smoke", {**overrides, "data.path": str(new_path), "num-server-rounds": 2, "resume": True}, stream=False
+    )
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    assert resumed["rounds"][0] == first["rounds"][0]
+    assert resumed["dataset"]["since_round"] == 2
+    assert resumed["dataset"]["num_train"] > first["dataset"]["num_train"]
+    assert resumed["dataset"]["before"] == first["dataset"]
+    assert latest_checkpoint(tmp_path / "out")[0] == 2
