@@ -79,6 +79,24 @@ def _centralized(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baselines(args: argparse.Namespace) -> int:
+    from fedrec.baselines import BprSettings, run_baselines
+    from fedrec.prepare import prepare
+    from fedrec.runtime import configure_threads
+    from simulations.runner import parse_overrides, resolve_settings
+
+    config, _ = resolve_settings(args.preset, parse_overrides(args.run_config), Path(args.out) if args.out else None)
+    configure_threads(config.runtime)
+    settings = BprSettings(dim=args.dim, epochs=args.epochs, lr=args.lr, seed=config.federation.seed)
+    out = Path(config.federation.out_dir).expanduser()
+    results = run_baselines(prepare(config.data, config.eval), settings, out, config.eval.k)
+    k = config.eval.k
+    for name, metrics in (("popularity", results["popularity"]), ("bpr-mf", results["bpr-mf"]["test"])):
+        print(f"{name:>10}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in (f"hr@{k}", f"ndcg@{k}", f"hr@{k}_full", f"ndcg@{k}_full", f"coverage@{k}")))
+    print(f"results: {out / 'baselines.json'}")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from simulations.runner import parse_overrides
     from simulations.sweep import format_table, parse_grid, run_sweep
@@ -188,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--steps", type=int, default=200, help="optimizer steps")
     central.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     central.set_defaults(func=_centralized)
+    baselines = sub.add_parser("baselines", help="popularity and BPR-MF (ID-based, central) by the same evaluation")
+    common(baselines)
+    baselines.add_argument("--epochs", type=int, default=30, help="BPR-MF epochs; the best on validation is kept (default: %(default)s)")
+    baselines.add_argument("--dim", type=int, default=64, help="BPR-MF embedding size (default: %(default)s)")
+    baselines.add_argument("--lr", type=float, default=5e-3, help="BPR-MF Adam learning rate (default: %(default)s)")
+    baselines.set_defaults(func=_baselines)
     sweep = sub.add_parser("sweep", help="utility against privacy budget: a grid of simulations")
     common(sweep)
     sweep.add_argument("--epsilons", default="1,4,8,inf", help="target epsilons; inf: no DP (default: %(default)s)")
