@@ -121,6 +121,9 @@ def run_baselines(prepared: PreparedData, settings: BprSettings, out_dir: Path, 
             "epochs": history,
         },
     }
+    if prepared.has_cold_test:  # items held out of training (eval.cold-items)
+        results["popularity"]["cold"] = evaluate_scorer(popularity_scorer(prepared), prepared, "cold", k)
+        results["bpr-mf"]["cold"] = evaluate_scorer(model.scorer(), prepared, "cold", k)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "baselines.json"
     path.write_text(json.dumps(results, indent=2))

@@ -199,9 +199,14 @@ class EvalConfig:
     """Seed of the sampled negatives (fixed, so every round ranks the same candidates)."""
     max_users: int = 0
     """Evaluate only the first N test users each round (0: all)."""
+    cold_items: float = 0.0
+    """Cold-start evaluation: this fraction of the items that have interactions is
+    removed from training entirely; each user who had one is also tested on it
+    (``*_cold`` metrics), the model seeing it only through its text."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "eval.k", "must be >= 1")
+        _check(0.0 <= self.cold_items < 0.5, "eval.cold-items", "must be in [0, 0.5)")
         _check(self.num_negatives >= 1, "eval.num-negatives", "must be >= 1")
         _check(self.max_users >= 0, "eval.max-users", "must be >= 0")
 

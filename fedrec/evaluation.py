@@ -25,11 +25,17 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 def histories_for(prepared: PreparedData, split: str) -> list[np.ndarray]:
-    """Each user's chronological history before the held-out ``split`` item."""
+    """Each user's chronological history before the held-out ``split`` item.
+
+    For the ``cold`` test, every warm item the user has (train, valid, test).
+    """
     train = prepared.all_train_items
     if split == "valid":
         return train
     valid = prepared.holdout("valid")["item_idx"].to_numpy()
+    if split == "cold":
+        test = prepared.holdout("test")["item_idx"].to_numpy()
+        return [np.append(items, [valid[u], test[u]]) for u, items in enumerate(train)]
     return [np.append(items, valid[u]) for u, items in enumerate(train)]
 
 
@@ -54,6 +60,7 @@ def evaluate_scorer(
     histories = histories_for(prepared, split)
     if users is None:
         users = np.arange(len(candidates) if not max_users else min(max_users, len(candidates)))
+    users = users[candidates[users, 0] >= 0]  # the cold test has no item for some users
     sampled_ranks, full_ranks, top_items = [], [], []
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]

@@ -44,7 +44,8 @@ class GlobalModel:
         }
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        """Sampled and full-ranking metrics of the current adapters."""
+        """Sampled and full-ranking metrics of the current adapters (and ``*_cold``
+        ones on the items held out of training, with ``eval.cold-items``)."""
         with autocast(self.config.runtime, self.device):
             scorer = model_scorer(
                 self.model,
@@ -54,9 +55,13 @@ class GlobalModel:
                 self.config.model.max_user_tokens,
                 self.device,
             )
-            return evaluate_scorer(
+            metrics = evaluate_scorer(
                 scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users, beyond=True
             )
+            if split == "test" and self.prepared.has_cold_test:
+                cold = evaluate_scorer(scorer, self.prepared, "cold", self.config.eval.k)
+                metrics.update({f"{name}_cold": value for name, value in cold.items()})
+            return metrics
 
     def checkpoint(self, out_dir: Path, server_round: int) -> Path:
         return save_checkpoint(self.model.encoder, out_dir, server_round)

@@ -131,8 +131,16 @@ class PreparedData:
         return pd.read_parquet(self.root / f"{split}.parquet")
 
     def candidates(self, split: str) -> np.ndarray:
-        """[U, 1 + negatives] item indices; column 0 is the held-out item."""
+        """[U, 1 + negatives] item indices; column 0 is the held-out item.
+
+        Split ``cold`` (``eval.cold-items``): rows of users without a cold item are -1.
+        """
         return np.load(self.root / f"candidates_{split}.npy")
+
+    @property
+    def has_cold_test(self) -> bool:
+        """Whether a cold-start test was prepared (``eval.cold-items`` > 0)."""
+        return (self.root / "candidates_cold.npy").exists()
 
     def train_items_of(self, users: np.ndarray) -> list[np.ndarray]:
         """Chronological training items of each given user."""
@@ -175,6 +183,8 @@ def prepared_key(data: DataConfig, evaluation: EvalConfig) -> str:
             settings.pop(key)
     settings["eval_negatives"] = evaluation.num_negatives
     settings["eval_seed"] = evaluation.seed
+    if evaluation.cold_items:  # caches prepared without cold items keep their keys
+        settings["eval_cold_items"] = evaluation.cold_items
     settings["version"] = PREPARED_VERSION
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{data.name}-{digest}"
@@ -203,6 +213,53 @@ def build_tables(raw: InteractionData, data: DataConfig) -> tuple[pd.DataFrame, 
     return users, items, interactions
 
 
+def hold_out_cold_items(
+    interactions: pd.DataFrame, evaluation: EvalConfig, tie_break: str
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Remove ``eval.cold-items`` of the interacted items from the interactions.
+
+    Returns the warm interactions and, per user who had a cold item, their latest
+    cold interaction (user_idx, item_idx), or None when the setting is 0. The
+    items are drawn with ``default_rng(eval.seed + 2)``.
+    """
+    if not evaluation.cold_items:
+        return interactions, None
+    interacted = np.unique(interactions["item_idx"].to_numpy())
+    rng = np.random.default_rng(evaluation.seed + 2)
+    count = max(1, round(evaluation.cold_items * len(interacted)))
+    cold_items = rng.choice(interacted, size=count, replace=False)
+    is_cold = interactions["item_idx"].isin(set(cold_items.tolist())).to_numpy()
+    warm = interactions[~is_cold]
+    short = warm.groupby("user_idx").size()
+    lost = sorted(set(interactions["user_idx"]) - set(short.index)) or list(short.index[short < 3])
+    if lost:
+        raise DataError(
+            f"setting 'eval.cold-items'={evaluation.cold_items}: user index {lost[0]} keeps fewer than 3 "
+            f"interactions with other items ({len(lost)} such users); lower eval.cold-items or raise "
+            "data.min-user-interactions"
+        )
+    order = np.argsort(interactions["timestamp"].to_numpy()[is_cold], kind="stable")
+    cold = interactions[is_cold].iloc[order]
+    if tie_break == "item":  # the same rule as the leave-one-out split for equal timestamps
+        cold = cold.sort_values(["timestamp", "item_idx"], kind="stable")
+    latest = cold.groupby("user_idx", sort=True).tail(1).sort_values("user_idx")
+    frame = latest[["user_idx", "item_idx"]].reset_index(drop=True)
+    frame.attrs["num_cold_items"] = count
+    log.info("Cold-start test: %d items held out of training, %d users tested on one", count, len(frame))
+    return warm, frame
+
+
+def cold_candidates(
+    cold: pd.DataFrame, seen: list[np.ndarray], num_users: int, num_items: int, evaluation: EvalConfig
+) -> np.ndarray:
+    """[U, 1 + negatives] candidates of the cold test; rows of users without one are -1."""
+    out = np.full((num_users, 1 + evaluation.num_negatives), -1, dtype=np.int64)
+    users = cold["user_idx"].to_numpy()
+    negatives = sample_negatives([seen[u] for u in users], num_items, evaluation.num_negatives, evaluation.seed + 3)
+    out[users] = np.column_stack([cold["item_idx"].to_numpy(), negatives])
+    return out
+
+
 def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
     """Prepare (or reuse the cached) dataset for these settings."""
     root = data.cache_path / "prepared" / prepared_key(data, evaluation)
@@ -217,6 +274,7 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
         synthetic=synthetic_spec(data),
     )
     users, items, interactions = build_tables(raw, data)
+    interactions, cold = hold_out_cold_items(interactions, evaluation, data.tie_break)
     split = leave_one_out(
         interactions[["user_id", "item_id", "rating", "timestamp", "user_idx", "item_idx"]],
         tie_break=data.tie_break,
@@ -227,9 +285,10 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
     valid = split.valid.sort_values("user_idx")[["user_idx", "item_idx"]].reset_index(drop=True)
     test = split.test.sort_values("user_idx")[["user_idx", "item_idx"]].reset_index(drop=True)
 
+    everything = interactions if cold is None else pd.concat([interactions, cold])
     seen = [
         np.asarray(g, dtype=np.int64)
-        for _, g in interactions.groupby("user_idx", sort=True)["item_idx"]
+        for _, g in everything.groupby("user_idx", sort=True)["item_idx"]
     ]
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
@@ -245,6 +304,9 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
         for name, frame, seed in (("test", test, evaluation.seed), ("valid", valid, evaluation.seed + 1)):
             negatives = sample_negatives(seen, len(items), evaluation.num_negatives, seed)
             np.save(tmp / f"candidates_{name}.npy", np.column_stack([frame["item_idx"], negatives]))
+        if cold is not None:
+            cold.to_parquet(tmp / "cold.parquet")
+            np.save(tmp / "candidates_cold.npy", cold_candidates(cold, seen, len(users), len(items), evaluation))
         meta = {
             "dataset": raw.name,
             "num_users": len(users),
@@ -255,6 +317,9 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
             "eval_seed": evaluation.seed,
             "negative_sampler": "numpy default_rng(eval.seed), uniform over items the user never interacted with",
         }
+        if cold is not None:
+            meta["cold_items"] = int(cold.attrs["num_cold_items"])
+            meta["cold_users"] = len(cold)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             tmp.rename(root)
