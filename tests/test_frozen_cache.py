@@ -104,3 +104,17 @@ def test_local_round_with_the_cache_trains_the_top_adapters(tmp_path):
     states = cached_item_states(config.model, config.lora, table)
     assert states is cached_item_states(config.model, config.lora, table)  # once per process
     assert states.first_layer == 1 and states.states.shape[0] == prepared.num_items
+
+
+def test_private_round_through_the_cache(tmp_path):
+    """DP-SGD (make_private, Poisson sampling) with the cached item tower."""
+    settings = toy_run_config(
+        tmp_path, **{"lora.layers": "1", "model.cache-frozen-items": True, "dp.enabled": True, "dp.noise-multiplier": 1.0}
+    )
+    config = load_config(settings)
+    prepared = prepare_data(config.data, config.eval)
+    table = token_table(prepared, config.model)
+    start = adapter_state(build_recommender(config.model, config.lora).encoder)
+    out = run_local_round(config, load_client_data(config, prepared, 1, 24), table, start, server_round=1)
+    assert out.privacy is not None and out.privacy.epsilon > 0
+    assert max((out.adapters[k] - start[k]).abs().max() for k in start) > 0
