@@ -90,11 +90,12 @@ def run_local_round(
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)
     optimizer = make_optimizer(model, config.train)
+    precision = autocast_dtype(config.runtime, device)
     if not config.dp.enabled:
-        result = train_local(model, loader, optimizer, config.train, device, autocast_dtype(config.runtime, device))
+        result = train_local(model, loader, optimizer, config.train, device, precision)
         return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
     state = accountant or AccountantState(config.dp.accountant)
-    result, report = _train_privately(config, model, loader, optimizer, state, device)
+    result, report = _train_privately(config, model, loader, optimizer, state, device, precision)
     return RoundOutput(adapter_state(model.encoder), result, len(examples), report)
 
 
@@ -105,6 +106,7 @@ def _train_privately(
     optimizer: torch.optim.Optimizer,
     state: AccountantState,
     device: torch.device,
+    precision: torch.dtype | None = None,
 ) -> tuple[TrainResult, PrivacyReport]:
     """The same training loop under DP-SGD, refused up front if over budget."""
     dp = config.dp
@@ -120,9 +122,7 @@ def _train_privately(
         model, optimizer, loader, dp, noise, state
     )
     try:
-        result = train_local(
-            private_model, private_loader, private_optimizer, config.train, device, autocast_dtype(config.runtime, device)
-        )
+        result = train_local(private_model, private_loader, private_optimizer, config.train, device, precision)
     finally:
         detach_private(private_model)
     new_state = state_after(engine, state)

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from fedrec.model.frozen_cache import FrozenItemStates, embed_cached_items
-from fedrec.model.pooling import mean_pool, unit_mean_pool
-
-__all__ = ["TwoTowerRecommender", "mean_pool"]
+from fedrec.model.pooling import unit_mean_pool
 
 
 class TwoTowerRecommender(nn.Module):
