@@ -63,8 +63,8 @@ def test_evaluation_of_model_and_popularity(toy_prepared):
     assert 0.0 <= pop["hr@1"] <= 1.0
 
 
-def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(toy_prepared):
-    _, prepared = toy_prepared
+def _oracle(prepared):
+    """A scorer that gives each user's held-out test item 1 and every other item 0."""
     target = prepared.candidates("test")[:, 0]
 
     def oracle(users):
@@ -72,6 +72,12 @@ def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(toy_prepared):
         scores[np.arange(len(users)), target[users]] = 1.0
         return scores
 
+    return oracle
+
+
+def test_an_oracle_scorer_is_perfect_and_its_reverse_is_last(toy_prepared):
+    _, prepared = toy_prepared
+    oracle = _oracle(prepared)
     perfect = evaluate_scorer(oracle, prepared, "test", k=1)
     assert perfect["hr@1"] == 1.0 and perfect["hr@1_full"] == 1.0 and perfect["mrr_full"] == 1.0
     worst = evaluate_scorer(lambda u: -oracle(u), prepared, "test", k=5)
@@ -94,13 +100,7 @@ def test_beyond_accuracy_of_an_oracle(toy_prepared):
     """An oracle's top-1 is the held-out item: coverage = distinct targets, no popularity bias."""
     _, prepared = toy_prepared
     target = prepared.candidates("test")[:, 0]
-
-    def oracle(users):
-        scores = np.zeros((len(users), prepared.num_items))
-        scores[np.arange(len(users)), target[users]] = 1.0
-        return scores
-
-    values = evaluate_scorer(oracle, prepared, "test", k=1, beyond=True)
+    values = evaluate_scorer(_oracle(prepared), prepared, "test", k=1, beyond=True)
     assert values["coverage@1"] == len(np.unique(target)) / prepared.num_items
     assert values["popularity@1"] == values["popularity_test"] and values["popularity_ratio@1"] == 1.0
     assert all(values[f"hr@1_q{q}"] == 1.0 and values[f"hr@1_full_q{q}"] == 1.0 for q in range(1, 5))
