@@ -27,13 +27,14 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 def histories_for(prepared: PreparedData, split: str) -> list[np.ndarray]:
     """Each user's chronological history before the held-out ``split`` item.
 
-    For the ``cold`` test, every warm item the user has (train, valid, test).
+    ``all`` (and the ``cold`` test): every item of the prepared split the user
+    has (train, valid, test), e.g. what serving excludes from recommendations.
     """
     train = prepared.all_train_items
     if split == "valid":
         return train
     valid = prepared.holdout("valid")["item_idx"].to_numpy()
-    if split == "cold":
+    if split in ("all", "cold"):
         test = prepared.holdout("test")["item_idx"].to_numpy()
         return [np.append(items, [valid[u], test[u]]) for u, items in enumerate(train)]
     return [np.append(items, valid[u]) for u, items in enumerate(train)]

@@ -107,9 +107,7 @@ class Recommender:
     @cached_property
     def _histories(self) -> list[np.ndarray]:
         """Every known interaction of each user, chronological (train, valid, test)."""
-        prepared = self.trained.prepared
-        test = prepared.holdout("test")["item_idx"].to_numpy()
-        return [np.append(h, test[u]) for u, h in enumerate(histories_for(prepared, "test"))]
+        return histories_for(self.trained.prepared, "all")
 
     @cached_property
     def _tokenizer(self):
