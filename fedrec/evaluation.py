@@ -145,13 +145,19 @@ def model_scorer(
     max_user_tokens: int,
     device: torch.device,
 ) -> Scorer:
-    """Cosine scores of the model; the catalogue is encoded once per call of this."""
+    """Cosine scores of the model; the catalogue is encoded once per call of this, and
+    each user once (the cold-start test scores the same users again)."""
     items = encode_items(model, table, device)
+    encoded: dict[int, torch.Tensor] = {}
 
     def score(users: np.ndarray) -> np.ndarray:
-        user_vectors = encode_users(
-            model, table, [histories[u] for u in users], history_items, max_user_tokens, device
-        )
+        missing = [int(u) for u in users if int(u) not in encoded]
+        if missing:
+            vectors = encode_users(
+                model, table, [histories[u] for u in missing], history_items, max_user_tokens, device
+            )
+            encoded.update(zip(missing, vectors))
+        user_vectors = torch.stack([encoded[int(u)] for u in users])
         with torch.autocast(device.type, enabled=False):  # rank in float32 even under autocast
             return (user_vectors.float() @ items.float().T).cpu().numpy()
 
