@@ -122,6 +122,11 @@ class ModelConfig:
     """Run item texts through the frozen layers below the first adapted one once per
     process and train the item tower through the adapted top layers only; needs
     ``lora.layers`` to leave the lowest layers without adapters."""
+    item_ids: bool = False
+    """Add a learned identity vector per catalogue item (a zero-initialised table,
+    trained, sent and averaged with the adapters) to the item's text embedding, and
+    the mean of the history items' vectors to the user's. Uploads grow by
+    items x hidden floats; items never trained on are scored from text alone."""
 
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
@@ -179,6 +184,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_negatives: int = 4
     """Negatives sampled per training example, from items the user never interacted with."""
+    id_lr: float = 0.0
+    """Learning rate of the item-identity table (``model.item-ids``); 0: ``train.lr``."""
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
@@ -186,6 +193,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.num_negatives >= 1, "train.num-negatives", "must be >= 1")
+        _check(self.id_lr >= 0, "train.id-lr", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from fedrec.examples import padded_history
 from fedrec.metrics import beyond_accuracy, ranking_metrics, target_ranks
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
@@ -106,8 +107,13 @@ def encode_items(
     model.eval()
     ids = torch.from_numpy(table.item_ids.astype(np.int64))
     mask = torch.from_numpy(table.item_mask.astype(np.int64))
+    indices = torch.arange(len(ids))
     out = [
-        model.embed(ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device))
+        model.embed_items(
+            ids[s : s + batch_size].to(device),
+            mask[s : s + batch_size].to(device),
+            indices[s : s + batch_size].to(device),
+        )
         for s in range(0, len(ids), batch_size)
     ]
     return torch.cat(out)
@@ -127,13 +133,14 @@ def encode_users(
     model.eval()
     out = []
     for s in range(0, len(histories), batch_size):
-        pairs = [
-            history_tokens(table, h[-history_items:][::-1], max_user_tokens)
-            for h in histories[s : s + batch_size]
-        ]
+        recent_first = [h[-history_items:][::-1] for h in histories[s : s + batch_size]]
+        pairs = [history_tokens(table, items, max_user_tokens) for items in recent_first]
         ids = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.int64)).to(device)
         mask = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
-        out.append(model.embed(ids, mask))
+        padded = [padded_history(items, history_items) for items in recent_first]
+        history = torch.from_numpy(np.stack([p[0] for p in padded])).to(device)
+        history_mask = torch.from_numpy(np.stack([p[1] for p in padded])).to(device)
+        out.append(model.embed_users(ids, mask, history, history_mask))
     return torch.cat(out)
 
 

@@ -55,6 +55,7 @@ class NextItemDataset(Dataset):
         self.num_negatives = num_negatives
         self.max_user_tokens = max_user_tokens
         self.num_items = table.item_ids.shape[0]
+        self.history_width = max((len(e.history) for e in examples), default=1)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -79,10 +80,23 @@ class NextItemDataset(Dataset):
         example = self.examples[index]
         user_ids, user_mask = history_tokens(self.table, example.history, self.max_user_tokens)
         candidates = np.concatenate([[example.positive], self._negatives(example.user_items)])
+        history, history_mask = padded_history(example.history, self.history_width)
         return {
             "user_ids": torch.from_numpy(user_ids.astype(np.int64)),
             "user_mask": torch.from_numpy(user_mask.astype(np.int64)),
             "item_ids": torch.from_numpy(self.table.item_ids[candidates].astype(np.int64)),
             "item_mask": torch.from_numpy(self.table.item_mask[candidates].astype(np.int64)),
             "items": torch.from_numpy(candidates.astype(np.int64)),
+            "history": torch.from_numpy(history),
+            "history_mask": torch.from_numpy(history_mask),
         }
+
+
+def padded_history(recent_first_items: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """History item indices padded (with 0, mask 0) or cut to ``width``, and their mask."""
+    items = np.asarray(recent_first_items, dtype=np.int64)[:width]
+    history = np.zeros(width, dtype=np.int64)
+    mask = np.zeros(width, dtype=np.int64)
+    history[: len(items)] = items
+    mask[: len(items)] = 1
+    return history, mask

@@ -23,7 +23,7 @@ class GlobalModel:
         self.config = config
         self.prepared = prepared
         self.device = select_device(config.runtime)
-        self.model = build_recommender(config.model, config.lora).to(self.device)
+        self.model = build_recommender(config.model, config.lora, prepared.num_items).to(self.device)
         self.table = token_table(prepared, config.model)
 
     def adapters(self) -> OrderedDict[str, torch.Tensor]:

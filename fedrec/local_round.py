@@ -75,7 +75,7 @@ def run_local_round(
     """
     configure_threads(config.runtime)
     device = select_device(config.runtime)
-    model = cached_recommender(config.model, config.lora).to(device)
+    model = cached_recommender(config.model, config.lora, len(table.item_ids)).to(device)
     load_adapter_state(model.encoder, global_adapters)
     model.item_states = (
         cached_item_states(config.model, config.lora, table) if config.model.cache_frozen_items else None
@@ -141,12 +141,13 @@ def evaluate_local(
     """Metrics of the global adapters on this client's own held-out (test) items."""
     configure_threads(config.runtime)
     device = select_device(config.runtime)
-    model = cached_recommender(config.model, config.lora).to(device)
+    table = token_table(prepared, config.model)
+    model = cached_recommender(config.model, config.lora, len(table.item_ids)).to(device)
     load_adapter_state(model.encoder, global_adapters)
     with autocast(config.runtime, device):
         scorer = model_scorer(
             model,
-            token_table(prepared, config.model),
+            table,
             histories_for(prepared, "test"),
             config.model.history_items,
             config.model.max_user_tokens,

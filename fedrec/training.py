@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
+from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,17 @@ def make_loader(dataset: NextItemDataset, batch_size: int, seed: int) -> DataLoa
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable (adapter) parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """AdamW over the trainable parameters only: the adapters at ``train.lr`` and an
+    item-identity table at ``train.id-lr`` (when set)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    identity = [p for n, p in trainable if ITEM_IDENTITY in n]
+    groups = [{"params": [p for n, p in trainable if ITEM_IDENTITY not in n]}]
+    if identity:
+        groups.append({"params": identity, "lr": config.id_lr or config.lr})
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _batches(loader: Iterable[dict[str, torch.Tensor]], epochs: int) -> Iterable[dict[str, torch.Tensor]]:
@@ -97,7 +104,13 @@ def train_local(
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
             logits = model(
-                batch["user_ids"], batch["user_mask"], batch["item_ids"], batch["item_mask"], batch.get("items")
+                batch["user_ids"],
+                batch["user_mask"],
+                batch["item_ids"],
+                batch["item_mask"],
+                batch.get("items"),
+                batch.get("history"),
+                batch.get("history_mask"),
             )
             target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
             loss = loss_fn(logits.float(), target)

@@ -16,14 +16,15 @@ from peft import (
 from transformers import PreTrainedModel
 
 from fedrec.config import LoraSettings
+from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 
 
 class AdapterStateError(ValueError):
     """An adapter state dict does not match the model's adapters."""
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
-    """The PEFT ``LoraConfig`` for fedrec's settings."""
+def lora_config(settings: LoraSettings, modules_to_save: list[str] | None = None) -> LoraConfig:
+    """The PEFT ``LoraConfig`` for fedrec's settings (plus whole modules trained beside them)."""
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -31,6 +32,7 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         target_modules=settings.target_module_list,
         layers_to_transform=settings.layer_list,
         bias="none",
+        modules_to_save=modules_to_save,
     )
 
 
@@ -41,13 +43,17 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     the same global adapter. With ``settings.freeze_a`` (FFA-LoRA, Sun et al. 2024)
     only the ``lora_B`` matrices are trainable: every party keeps the same seeded
     ``lora_A``, so averaging the B matrices averages the products B·A exactly.
+
+    An item-identity table on the encoder (``model.item-ids``) becomes a PEFT
+    ``modules_to_save`` module: trained, saved and exchanged with the adapters.
     """
+    extra = [ITEM_IDENTITY] if hasattr(encoder, ITEM_IDENTITY) else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = get_peft_model(encoder, lora_config(settings))
+        model = get_peft_model(encoder, lora_config(settings, extra))
     trainable = "lora_B" if settings.freeze_a else "lora_"
     for name, param in model.named_parameters():
-        param.requires_grad = trainable in name
+        param.requires_grad = trainable in name or "modules_to_save" in name
     return model
 
 

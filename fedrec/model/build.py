@@ -21,6 +21,7 @@ from fedrec.model.frozen_cache import (
     compute_item_states,
     first_adapted_layer,
 )
+from fedrec.model.item_identity import attach_item_identity
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.tokens import TokenTable, build_token_table
 
@@ -28,17 +29,32 @@ if TYPE_CHECKING:
     from fedrec.prepare import PreparedData
 
 
-def build_recommender(model: ModelConfig, lora: LoraSettings) -> TwoTowerRecommender:
-    """A fresh two-tower recommender with LoRA adapters on a frozen encoder."""
+def build_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0) -> TwoTowerRecommender:
+    """A fresh two-tower recommender with LoRA adapters on a frozen encoder.
+
+    ``num_items``, the catalogue size, is needed only with ``model.item-ids``.
+    """
     tokenizer = load_tokenizer(model.name)
     encoder = load_encoder(model.name, vocab_size=len(tokenizer))
+    if model.item_ids:
+        if num_items < 1:
+            raise ValueError("model.item-ids needs the catalogue size: pass num_items")
+        attach_item_identity(encoder, num_items)
     return TwoTowerRecommender(add_lora(encoder, lora), temperature=model.temperature)
 
 
+def cached_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0) -> TwoTowerRecommender:
+    """The process-wide recommender for these settings; callers set its adapters.
+
+    The catalogue size matters only with ``model.item-ids``, so it is not part of
+    the key otherwise.
+    """
+    return _cached_recommender(model, lora, num_items if model.item_ids else 0)
+
+
 @functools.lru_cache(maxsize=2)
-def cached_recommender(model: ModelConfig, lora: LoraSettings) -> TwoTowerRecommender:
-    """The process-wide recommender for these settings; callers set its adapters."""
-    return build_recommender(model, lora)
+def _cached_recommender(model: ModelConfig, lora: LoraSettings, num_items: int) -> TwoTowerRecommender:
+    return build_recommender(model, lora, num_items)
 
 
 def token_table_path(prepared: PreparedData, model: ModelConfig) -> Path:
@@ -79,6 +95,6 @@ def cached_item_states(model: ModelConfig, lora: LoraSettings, table: TokenTable
     if key not in _ITEM_STATES:
         if len(_ITEM_STATES) >= 2:
             _ITEM_STATES.pop(next(iter(_ITEM_STATES)))
-        encoder = cached_recommender(model, lora).encoder
+        encoder = cached_recommender(model, lora, len(table.item_ids)).encoder
         _ITEM_STATES[key] = compute_item_states(encoder, table, first_adapted_layer(lora))
     return _ITEM_STATES[key]

@@ -8,6 +8,9 @@
   weigh the history items against each other, and keeps each training example a
   self-contained input: a requirement of per-sample gradients in DP-SGD.
 * Score: cosine similarity. Training divides it by a temperature.
+* Optional item identity (``model.item-ids``, :mod:`fedrec.model.item_identity`):
+  a learned vector per item added to the item's text embedding, and the mean of
+  the history items' vectors to the user's.
 
 The encoder is called once per tower per candidate column, each call with the
 example dimension as batch dimension, so per-sample gradients (Opacus hooks) see
@@ -20,6 +23,11 @@ import torch
 from torch import nn
 
 from fedrec.model.frozen_cache import FrozenItemStates, embed_cached_items
+from fedrec.model.item_identity import (
+    find_item_identity,
+    pooled_identity,
+    with_identity,
+)
 from fedrec.model.pooling import unit_mean_pool
 
 
@@ -45,6 +53,11 @@ class TwoTowerRecommender(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return unit_mean_pool(hidden, attention_mask)
 
+    @property
+    def item_identity(self) -> nn.Module | None:
+        """The item-identity table (``model.item-ids``), or None for a text-only model."""
+        return find_item_identity(self.encoder)
+
     def forward(
         self,
         user_ids: torch.Tensor,
@@ -52,26 +65,62 @@ class TwoTowerRecommender(nn.Module):
         item_ids: torch.Tensor,
         item_mask: torch.Tensor,
         items: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C] of C candidate items per user (column 0: the positive).
 
         ``user_ids``/``user_mask``: [B, Tu]; ``item_ids``/``item_mask``: [B, C, Ti];
         ``items``: the candidates' catalogue indices [B, C], which let the item
-        tower start from :attr:`item_states` when it is set.
+        tower start from :attr:`item_states` when it is set; ``history`` and
+        ``history_mask`` [B, H]: the history items' catalogue indices, which the
+        item-identity table needs.
         """
-        users = self.embed(user_ids, user_mask)
+        users = self.embed_users(user_ids, user_mask, history, history_mask)
         return torch.einsum("bd,bcd->bc", users, self.embed_candidates(item_ids, item_mask, items)) / self.temperature
+
+    def embed_users(
+        self,
+        user_ids: torch.Tensor,
+        user_mask: torch.Tensor,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """User embeddings [B, D] from history texts (and history items' identities)."""
+        users = self.embed(user_ids, user_mask)
+        identity = self.item_identity
+        if identity is None:
+            return users
+        if history is None or history_mask is None:
+            raise ValueError("a model with item identities needs the history items' indices")
+        return with_identity(users, pooled_identity(identity, history, history_mask))
+
+    def embed_items(
+        self, item_ids: torch.Tensor, item_mask: torch.Tensor, items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings [B, D] of catalogue items given their tokens and indices [B].
+
+        With :attr:`item_states` set and ``items`` given, the item tower starts at
+        the first adapted layer (the frozen-layer cache); with an item-identity
+        table, each item's identity vector is added.
+        """
+        if items is not None and self.item_states is not None:
+            text = embed_cached_items(self.encoder, self.item_states, items)
+        else:
+            text = self.embed(item_ids, item_mask)
+        identity = self.item_identity
+        if identity is None:
+            return text
+        if items is None:
+            raise ValueError("a model with item identities needs the items' catalogue indices")
+        return with_identity(text, identity(items))
 
     def embed_candidates(
         self, item_ids: torch.Tensor, item_mask: torch.Tensor, items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Embeddings [B, C, D] of each example's candidates, one encoder call per column.
-
-        With :attr:`item_states` set and the catalogue indices ``items`` given, the
-        item tower starts at the first adapted layer (the frozen-layer cache).
-        """
-        if items is not None and self.item_states is not None:
-            columns = [embed_cached_items(self.encoder, self.item_states, items[:, c]) for c in range(items.shape[1])]
-        else:
-            columns = [self.embed(item_ids[:, c], item_mask[:, c]) for c in range(item_ids.shape[1])]
+        """Embeddings [B, C, D] of each example's candidates, one tower call per column."""
+        columns = [
+            self.embed_items(item_ids[:, c], item_mask[:, c], None if items is None else items[:, c])
+            for c in range(item_ids.shape[1])
+        ]
         return torch.stack(columns, dim=1)

@@ -243,7 +243,7 @@ def audit_run(
     examples = audit_examples(prepared, users, members_per_user, seed)
     device = select_device(config.runtime)
     table = token_table(prepared, config.model)
-    model = build_recommender(config.model, config.lora).to(device)
+    model = build_recommender(config.model, config.lora, prepared.num_items).to(device)
     pretrained, pretrained_raw = attack_scores(model, table, prepared, examples, config, device)
     load_saved_adapter(model.encoder, folder)
     trained, trained_raw = attack_scores(model, table, prepared, examples, config, device)

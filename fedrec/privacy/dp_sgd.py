@@ -30,6 +30,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 from fedrec.privacy.accounting import AccountantState, restore
 from fedrec.privacy.config import PrivacyConfig
 
@@ -59,12 +60,13 @@ _MODULE_ATTRS = (
 
 
 def check_trainable_adapters(model: nn.Module) -> None:
-    """Raise ValueError unless the trainable parameters are LoRA adapters only."""
+    """Raise ValueError unless the trainable parameters are what travels: LoRA
+    adapters and (``model.item-ids``) the item-identity table."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
     for name in trainable:
-        if "lora_" not in name:
+        if "lora_" not in name and f"{ITEM_IDENTITY}.modules_to_save" not in name:
             raise ValueError(
                 f"parameter '{name}' is trainable but is not a LoRA adapter; "
                 "DP-SGD here trains (and accounts for) the adapters only"

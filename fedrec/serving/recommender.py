@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fedrec.evaluation import histories_for
+from fedrec.examples import padded_history
 from fedrec.model.encoder import load_tokenizer
 from fedrec.serving.index import item_index
 from fedrec.serving.trained import TrainedModel, load_trained
@@ -143,9 +144,14 @@ class Recommender:
             raise EmptyHistoryError("a user needs at least one history item or text")
         recent_first = titles[-settings.history_items :][::-1]
         ids, mask = join_titles(self.trained.table, recent_first, settings.max_user_tokens)
+        # item identities (model.item-ids) exist for catalogue items only, not free text
+        known, known_mask = padded_history(np.asarray(history)[-settings.history_items :][::-1], settings.history_items)
         with self._lock:
-            vector = self.trained.model.embed(
-                torch.from_numpy(ids[None].astype(np.int64)), torch.from_numpy(mask[None].astype(np.int64))
+            vector = self.trained.model.embed_users(
+                torch.from_numpy(ids[None].astype(np.int64)),
+                torch.from_numpy(mask[None].astype(np.int64)),
+                torch.from_numpy(known[None]),
+                torch.from_numpy(known_mask[None]),
             )
         return vector[0].float()
 

@@ -104,7 +104,7 @@ def load_trained(
     config = run_config_of(run_dir)
     server_round, folder = _checkpoint(run_dir, server_round)
     prepared = prepare(config.data, config.eval)
-    recommender = build_recommender(config.model, config.lora)
+    recommender = build_recommender(config.model, config.lora, prepared.num_items)
     load_saved_adapter(recommender.encoder, folder)
     model = TwoTowerRecommender(recommender.encoder.merge_and_unload(), recommender.temperature)
     model.eval()

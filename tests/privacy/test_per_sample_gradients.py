@@ -52,19 +52,19 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def per_example_gradients(model, batch):
+def per_example_gradients(model, batch, keys=KEYS):
     """Gradients of each example's own loss, one backward pass per example."""
     grads = {name: [] for name in trainable(model)}
     for i in range(batch["user_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
-        logits = model(*(batch[k][i : i + 1] for k in KEYS))
+        logits = model(*(batch[k][i : i + 1] for k in keys))
         nn.functional.cross_entropy(logits, torch.zeros(1, dtype=torch.long)).backward()
         for name, p in trainable(model).items():
             grads[name].append(p.grad.detach().clone())
     return {name: torch.stack(g) for name, g in grads.items()}
 
 
-def opacus_gradients(model, batch, mode):
+def opacus_gradients(model, batch, mode, keys=KEYS):
     """``p.grad_sample`` after one backward through a hooks-mode GradSampleModule."""
     size = batch["user_ids"].shape[0]
     if mode == "sum":
@@ -72,7 +72,7 @@ def opacus_gradients(model, batch, mode):
         reduction = "sum"
     else:  # the production wrapping: make_private with train_local's mean loss
         optimizer = torch.optim.SGD(list(trainable(model).values()), lr=0.1)
-        examples = [{k: batch[k][i] for k in KEYS} for i in range(size)]
+        examples = [{k: batch[k][i] for k in keys} for i in range(size)]
         wrapped, *_ = make_private(
             model,
             optimizer,
@@ -82,7 +82,7 @@ def opacus_gradients(model, batch, mode):
             state=AccountantState(),
         )
         reduction = "mean"
-    logits = wrapped(*(batch[k] for k in KEYS))
+    logits = wrapped(*(batch[k] for k in keys))
     target = torch.zeros(size, dtype=torch.long)
     nn.functional.cross_entropy(logits, target, reduction=reduction).backward()
     samples = {name: p.grad_sample.detach().clone() for name, p in trainable(model).items()}

@@ -1,0 +1,62 @@
+"""A learned identity vector per catalogue item, beside its text embedding.
+
+Text alone cannot tell apart two items whose titles and genres read alike, nor
+learn that an item is liked beyond what its text says; ID-based recommenders
+(matrix factorisation, PFedRec) memorise one vector per item for that. With
+``model.item-ids`` the two-tower model adds such a vector to the item's unit
+text embedding, and the mean of the history items' vectors to the user's,
+before both are normalised again:
+
+    item = normalise(text(i) + id[i])        user = normalise(text(h) + mean id[h])
+
+The table starts at zero, so an untrained model is exactly the text-only one,
+and items never trained on (cold items) keep the zero vector: they are scored
+from their text alone. The table is a PEFT ``modules_to_save`` module: it is
+trained, checkpointed, sent and averaged together with the LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODULE_NAME = "item_identity"
+"""Attribute of the base encoder that holds the table (PEFT ``modules_to_save``)."""
+
+
+class ItemIdentity(nn.Module):
+    """An [items, dim] embedding table, zero at the start."""
+
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError("model.item-ids needs the catalogue size (num_items >= 1)")
+        self.table = nn.Embedding(num_items, dim)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Identity vectors of catalogue indices, shape ``[*items.shape, dim]``."""
+        return self.table(items)
+
+
+def attach_item_identity(encoder: nn.Module, num_items: int) -> None:
+    """Give the (not yet PEFT-wrapped) encoder a zero identity table of its width."""
+    encoder.add_module(MODULE_NAME, ItemIdentity(num_items, encoder.config.hidden_size))
+
+
+def find_item_identity(encoder: nn.Module) -> nn.Module | None:
+    """The identity table of a PEFT-wrapped or merged encoder, or None without one."""
+    base = encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
+    return getattr(base, MODULE_NAME, None)
+
+
+def with_identity(text: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """Unit-norm sum of unit text embeddings and identity vectors (float32)."""
+    return nn.functional.normalize(text + identity.float(), dim=-1)
+
+
+def pooled_identity(identity: nn.Module, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+    """Mean identity vector [B, D] of each row's history items (``history_mask`` 1 where real)."""
+    weights = history_mask.unsqueeze(-1).float()
+    vectors = identity(history).float() * weights
+    return vectors.sum(1) / weights.sum(1).clamp(min=1.0)
