@@ -219,6 +219,9 @@ class EvalConfig:
         _check(self.max_users >= 0, "eval.max-users", "must be >= 0")
 
 
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Rounds, sampling and where results go."""
@@ -244,6 +247,14 @@ class FederationConfig:
     round_timeout: float = 0.0
     """Seconds the server waits for a round's replies before aggregating those it has
     (0: Flower's default, one hour). A node that dies is noticed within ~60 s anyway."""
+    server_optimizer: str = "fedavg"
+    """How the server applies the clients' averaged update: ``fedavg`` (take it),
+    ``fedavgm`` (server learning rate and momentum, Hsu et al. 2019) or ``fedadam``
+    (per-coordinate adaptive steps, Reddi et al. 2021); Flower's own strategies."""
+    server_lr: float = 1.0
+    """Server learning rate: FedAvgM's ``server_learning_rate``, FedAdam's ``eta``."""
+    server_momentum: float = 0.9
+    """FedAvgM's momentum and FedAdam's beta_1."""
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -255,6 +266,13 @@ class FederationConfig:
         _check(
             self.wire_dtype in ("float32", "float16", "int8"), "wire-dtype", "float32, float16 or int8"
         )
+        _check(
+            self.server_optimizer in SERVER_OPTIMIZERS,
+            "server-optimizer",
+            f"'{self.server_optimizer}' is not one of {', '.join(SERVER_OPTIMIZERS)}",
+        )
+        _check(self.server_lr > 0, "server-lr", "must be > 0")
+        _check(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
@@ -301,6 +319,11 @@ class FedRecConfig:
             "needs lora.layers to leave the lowest layers without adapters (e.g. lora.layers=\"4,5\"): "
             "with adapters in layer 0 no layer is frozen for every item",
         )
+        if self.federation.server_optimizer != "fedavg":
+            # Both need the plain weighted mean: SecAgg+ runs Flower's legacy FedAvg, and
+            # user-level DP noise is calibrated on the mean, not on a server optimizer's step.
+            _check(not self.secagg.enabled, "server-optimizer", "must be fedavg with secagg.enabled")
+            _check(not self.user_dp.enabled, "server-optimizer", "must be fedavg with user-level DP (user-dp.mode)")
         if self.federation.wire_dtype != "float32":
             # SecAgg+ masks and server-side clipping work on the adapters themselves.
             _check(not self.secagg.enabled, "wire-dtype", "must be float32 with secagg.enabled")

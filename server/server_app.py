@@ -22,7 +22,7 @@ from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
 from server.secure_aggregation import SecAggFedRec
-from server.strategy import FedRecAvg
+from server.strategy import server_strategy
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
 
 log = logging.getLogger("fedrec.server")
@@ -107,7 +107,10 @@ def main(grid: Grid, context: Context) -> None:
     if config.secagg.enabled:
         strategy = SecAggFedRec(config, context, round_offset=start_round)
     else:
-        strategy = FedRecAvg(
+        strategy = server_strategy(
+            config.federation.server_optimizer,
+            config.federation.server_lr,
+            config.federation.server_momentum,
             fraction_train=config.federation.fraction_train,
             fraction_evaluate=config.federation.fraction_evaluate,
             min_train_nodes=config.federation.min_train_nodes,

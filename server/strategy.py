@@ -12,6 +12,9 @@
 * on-client (federated) evaluation metrics kept as ``federated_<metric>``;
 * the record-level epsilon of private clients (maximum, median, run maximum)
   and budget refusals, per round (:class:`server.privacy_report.EpsilonLedger`);
+* server optimizers: :class:`FedRecAvgM` and :class:`FedRecAdam` are the same
+  strategy on top of Flower's ``FedAvgM`` and ``FedAdam``, which take a server
+  step from the validated weighted mean (``federation.server-optimizer``);
 * under user-level DP (:meth:`FedRecAvg.use_user_dp`, called by
   ``server.user_dp.wrap_strategy``), equal weights and a fixed denominator, so
   that the noise Flower's DP wrappers add matches one client's true influence.
@@ -26,7 +29,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedrec import records
@@ -207,3 +210,26 @@ class FedRecAvg(FedAvg):
         if metrics is not None:
             self.last_round.update({f"{records.FEDERATED_PREFIX}{k}": float(v) for k, v in metrics.items()})
         return metrics
+
+
+class FedRecAvgM(FedRecAvg, FedAvgM):
+    """:class:`FedRecAvg` whose server applies the mean update with a learning rate
+    and momentum (Flower's ``FedAvgM``, Hsu et al. 2019)."""
+
+
+class FedRecAdam(FedRecAvg, FedAdam):
+    """:class:`FedRecAvg` whose server takes per-coordinate adaptive steps along the
+    mean update (Flower's ``FedAdam``, Reddi et al. 2021). Rarely updated coordinates
+    (e.g. the item-identity rows of niche items, which few clients touch) get steps
+    of the same size as frequent ones instead of being diluted by the mean."""
+
+
+def server_strategy(name: str, server_lr: float, server_momentum: float, **kwargs) -> FedRecAvg:
+    """The strategy of ``federation.server-optimizer`` with its server step settings."""
+    if name == "fedavg":
+        return FedRecAvg(**kwargs)
+    if name == "fedavgm":
+        return FedRecAvgM(server_learning_rate=server_lr, server_momentum=server_momentum, **kwargs)
+    if name == "fedadam":
+        return FedRecAdam(eta=server_lr, beta_1=server_momentum, **kwargs)
+    raise ValueError(f"unknown server optimizer {name!r}")

@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 
 from fedrec import records
+from server.strategy import server_strategy
 from tests.privacy.test_user_level import (  # noqa: F401  (server_identity: autouse fixture)
     FakeGrid,
     adapters,
@@ -58,3 +60,52 @@ def test_without_a_norm_bound_a_huge_update_gets_in():
     initial, honest, aggregate = _round(strategy, _bad)
     assert strategy.last_round[records.REJECTED_UPDATES] == 1  # only the NaN one
     assert not torch.allclose(aggregate["lora_A.weight"], initial["lora_A.weight"] + honest["lora_A.weight"])
+
+
+SETTINGS = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 0.0,
+    "min_train_nodes": 1,
+    "min_available_nodes": 1,
+    "weighted_by_key": records.NUM_EXAMPLES,
+    "arrayrecord_key": records.ARRAYS,
+    "configrecord_key": records.CONFIG,
+    "max_update_norm": 100.0,
+}
+
+
+def test_fedavgm_scales_the_validated_mean_by_the_server_learning_rate():
+    strategy = server_strategy("fedavgm", server_lr=2.0, server_momentum=0.0, **SETTINGS)
+    initial, honest, aggregate = _round(strategy, _bad)
+    assert strategy.last_round[records.REJECTED_UPDATES] == 2  # validation still runs first
+    for key in initial:
+        torch.testing.assert_close(aggregate[key], initial[key] + 2.0 * honest[key])
+
+
+def test_fedadam_takes_its_adaptive_step_from_the_validated_mean():
+    strategy = server_strategy("fedadam", server_lr=0.01, server_momentum=0.9, **SETTINGS)
+    initial, honest, aggregate = _round(strategy, _bad)
+    assert strategy.last_round[records.REJECTED_UPDATES] == 2
+    beta_1, beta_2, tau, server_round = 0.9, 0.99, strategy.tau, 1
+    rate = 0.01 * math.sqrt(1 - beta_2 ** (server_round + 1)) / (1 - beta_1 ** (server_round + 1))
+    for key in initial:
+        delta = honest[key].double()
+        m, v = (1 - beta_1) * delta, (1 - beta_2) * delta.square()
+        want = initial[key].double() + rate * m / (v.sqrt() + tau)
+        torch.testing.assert_close(aggregate[key].double(), want, rtol=1e-5, atol=1e-6)
+    # per coordinate: a coordinate with a 100x smaller mean update moves far less than 100x less
+    steps = (aggregate["lora_A.weight"] - initial["lora_A.weight"]).abs().flatten()
+    updates = honest["lora_A.weight"].abs().flatten()
+    big, small = int(updates.argmax()), int(updates.argmin())
+    assert steps[big] / steps[small] < updates[big] / updates[small]
+
+
+def test_server_optimizers_refuse_secure_aggregation_and_user_level_dp():
+    from fedrec.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="server-optimizer"):
+        load_config({"server-optimizer": "fedadam", "secagg.enabled": True})
+    with pytest.raises(ConfigError, match="server-optimizer"):
+        load_config({"server-optimizer": "fedavgm", "user-dp.mode": "server-fixed"})
+    with pytest.raises(ConfigError, match="server-optimizer"):
+        load_config({"server-optimizer": "sgd"})
