@@ -186,6 +186,11 @@ class TrainConfig:
     """Negatives sampled per training example, from items the user never interacted with."""
     id_lr: float = 0.0
     """Learning rate of the item-identity table (``model.item-ids``); 0: ``train.lr``."""
+    in_batch_negatives: bool = False
+    """Rank each example's positive against every candidate of its batch (its own
+    negatives and the other examples' positives and negatives) instead of its own
+    negatives alone: many more negatives for the same encoder work. Not with DP-SGD,
+    whose per-example gradients need each loss to depend on one example only."""
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
@@ -318,6 +323,12 @@ class FedRecConfig:
             "model.cache-frozen-items",
             "needs lora.layers to leave the lowest layers without adapters (e.g. lora.layers=\"4,5\"): "
             "with adapters in layer 0 no layer is frozen for every item",
+        )
+        _check(
+            not (self.train.in_batch_negatives and self.dp.enabled),
+            "train.in-batch-negatives",
+            "cannot be used with dp.enabled: an example's loss would depend on the other "
+            "examples of its batch, which per-example clipping does not bound",
         )
         if self.federation.server_optimizer != "fedavg":
             # Both need the plain weighted mean: SecAgg+ runs Flower's legacy FedAvg, and

@@ -17,6 +17,9 @@ from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 
+BATCH_KEYS = ("user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask")
+"""The model's inputs, in the order of its ``forward``."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -79,7 +82,9 @@ def train_local(
     """Run ``local_epochs`` epochs (stopping after ``max_steps`` steps if set).
 
     The loss is a sampled softmax: cross-entropy of the positive (column 0) against
-    the example's own negatives, so each example's loss depends on it alone.
+    the example's own negatives, so each example's loss depends on it alone; with
+    ``train.in-batch-negatives`` (never under DP-SGD) against every candidate of
+    the batch instead.
 
     An empty batch (Poisson sampling under DP-SGD draws one now and then) is not
     passed through the encoder, which cannot take it; it still counts as a step,
@@ -103,16 +108,12 @@ def train_local(
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            logits = model(
-                batch["user_ids"],
-                batch["user_mask"],
-                batch["item_ids"],
-                batch["item_mask"],
-                batch.get("items"),
-                batch.get("history"),
-                batch.get("history_mask"),
-            )
-            target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+            inputs = [batch.get(k) for k in BATCH_KEYS]
+            if config.in_batch_negatives:
+                logits, target = model.in_batch_logits(*inputs)
+            else:
+                logits = model(*inputs)
+                target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
             loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

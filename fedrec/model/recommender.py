@@ -79,6 +79,34 @@ class TwoTowerRecommender(nn.Module):
         users = self.embed_users(user_ids, user_mask, history, history_mask)
         return torch.einsum("bd,bcd->bc", users, self.embed_candidates(item_ids, item_mask, items)) / self.temperature
 
+    def in_batch_logits(
+        self,
+        user_ids: torch.Tensor,
+        user_mask: torch.Tensor,
+        item_ids: torch.Tensor,
+        item_mask: torch.Tensor,
+        items: torch.Tensor,
+        history: torch.Tensor,
+        history_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, B*C] of each user against every candidate of the batch, and the
+        target column of each row (its own positive, column ``b * C``).
+
+        A candidate that is the row's positive item or one of its history items is a
+        false negative and masked out (logit -inf), except the target itself.
+        """
+        users = self.embed_users(user_ids, user_mask, history, history_mask)
+        candidates = self.embed_candidates(item_ids, item_mask, items)
+        size, columns = items.shape
+        logits = users @ candidates.reshape(size * columns, -1).T / self.temperature
+        flat = items.reshape(-1)
+        target = torch.arange(size, device=items.device) * columns
+        known = (flat[None, :] == items[:, :1]) | (
+            (flat[None, None, :] == history[:, :, None]) & history_mask[:, :, None].bool()
+        ).any(dim=1)
+        known[torch.arange(size, device=items.device), target] = False
+        return logits.masked_fill(known, float("-inf")), target
+
     def embed_users(
         self,
         user_ids: torch.Tensor,
