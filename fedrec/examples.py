@@ -26,16 +26,19 @@ class Example:
     history: np.ndarray
     positive: int
     user_items: frozenset[int]
+    user: int = 0
+    """Which of the given sequences it came from (in-batch negatives mask each user's
+    other positives)."""
 
 
 def build_examples(user_sequences: Sequence[np.ndarray], history_items: int) -> list[Example]:
     """All next-item examples of the given users' chronological item sequences."""
     examples = []
-    for sequence in user_sequences:
+    for user, sequence in enumerate(user_sequences):
         known = frozenset(int(i) for i in sequence)
         for p in range(1, len(sequence)):
             history = sequence[max(0, p - history_items) : p][::-1].copy()
-            examples.append(Example(history=history, positive=int(sequence[p]), user_items=known))
+            examples.append(Example(history=history, positive=int(sequence[p]), user_items=known, user=user))
     return examples
 
 
@@ -89,6 +92,7 @@ class NextItemDataset(Dataset):
             "items": torch.from_numpy(candidates.astype(np.int64)),
             "history": torch.from_numpy(history),
             "history_mask": torch.from_numpy(history_mask),
+            "user": torch.tensor(example.user, dtype=torch.int64),
         }
 
 

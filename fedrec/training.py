@@ -110,7 +110,7 @@ def train_local(
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
             inputs = [batch.get(k) for k in BATCH_KEYS]
             if config.in_batch_negatives:
-                logits, target = model.in_batch_logits(*inputs)
+                logits, target = model.in_batch_logits(*inputs, batch.get("user"))
             else:
                 logits = model(*inputs)
                 target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)

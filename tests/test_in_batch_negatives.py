@@ -14,7 +14,7 @@ from tests.privacy.test_per_sample_gradients import fixed_examples, prepare
 def test_logits_cover_the_whole_batch_and_mask_the_users_own_items(recommender, table, sequences):
     model = prepare(recommender).eval()
     batch = default_collate(fixed_examples(table, sequences, 6))
-    logits, target = model.in_batch_logits(*(batch[k] for k in BATCH_KEYS))
+    logits, target = model.in_batch_logits(*(batch[k] for k in BATCH_KEYS), batch["user"])
     size, columns = batch["items"].shape
     assert logits.shape == (size, size * columns)
     assert target.tolist() == [b * columns for b in range(size)]
@@ -23,8 +23,11 @@ def test_logits_cover_the_whole_batch_and_mask_the_users_own_items(recommender, 
     candidates = model.embed_candidates(batch["item_ids"], batch["item_mask"], batch["items"]).reshape(size * columns, -1)
     want = users @ candidates.T / model.temperature
     flat = batch["items"].reshape(-1).tolist()
+    assert batch["user"].tolist() == [0, 0, 0, 0, 0, 1]  # five rows of one user, as on a client
     for b in range(size):
         own = {int(batch["items"][b, 0])} | set(batch["history"][b][batch["history_mask"][b] == 1].tolist())
+        # the same user's other positives (later items too) are the user's own items
+        own |= {int(batch["items"][o, 0]) for o in range(size) if batch["user"][o] == batch["user"][b]}
         for j, item in enumerate(flat):
             if j != target[b] and item in own:
                 assert logits[b, j] == float("-inf"), (b, j)

@@ -88,22 +88,30 @@ class TwoTowerRecommender(nn.Module):
         items: torch.Tensor,
         history: torch.Tensor,
         history_mask: torch.Tensor,
+        users: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, B*C] of each user against every candidate of the batch, and the
         target column of each row (its own positive, column ``b * C``).
 
-        A candidate that is the row's positive item or one of its history items is a
-        false negative and masked out (logit -inf), except the target itself.
+        A candidate that is the row's positive item, one of its history items or
+        (``users``: the user of each row) the positive of another row of the same
+        user is a false negative and masked out (logit -inf), except the target.
+        A client holding one user's examples would otherwise learn to rank the
+        user's later items low.
         """
-        users = self.embed_users(user_ids, user_mask, history, history_mask)
+        queries = self.embed_users(user_ids, user_mask, history, history_mask)
         candidates = self.embed_candidates(item_ids, item_mask, items)
         size, columns = items.shape
-        logits = users @ candidates.reshape(size * columns, -1).T / self.temperature
+        logits = queries @ candidates.reshape(size * columns, -1).T / self.temperature
         flat = items.reshape(-1)
         target = torch.arange(size, device=items.device) * columns
         known = (flat[None, :] == items[:, :1]) | (
             (flat[None, None, :] == history[:, :, None]) & history_mask[:, :, None].bool()
         ).any(dim=1)
+        if users is not None:  # [b, o, j]: row o is b's user's and candidate j is o's positive
+            same_user = users[:, None] == users[None, :]
+            is_positive_of = flat[None, :] == items[:, :1]
+            known |= (same_user[:, :, None] & is_positive_of[None, :, :]).any(dim=1)
         known[torch.arange(size, device=items.device), target] = False
         return logits.masked_fill(known, float("-inf")), target
 

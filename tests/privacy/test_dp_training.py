@@ -116,7 +116,7 @@ def test_empty_poisson_batches_are_accounted_noise_only_steps(recommender, table
     )
     batches = list(private_loader)
     assert batches[0]["user_ids"].shape[0] == 0
-    keys = {"user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask"}
+    keys = {"user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask", "user"}
     assert all(set(b) == keys for b in batches)
     assert all(b["item_ids"].shape[1:] == (4, 12) and b["items"].shape[1:] == (4,) for b in batches)
 
@@ -143,6 +143,7 @@ def test_empty_safe_collate_before_any_batch(table, sequences):
         "items": (0, 4),
         "history": (0, 5),
         "history_mask": (0, 5),
+        "user": (0,),
     }
     assert all(v.dtype == torch.int64 for v in empty.values())
 
