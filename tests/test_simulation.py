@@ -68,6 +68,28 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
 
 
 
+def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, capsys):
+    """The item-identity table travels, is averaged, stepped by FedAdam, checkpointed and served."""
+    from safetensors.torch import load_file
+
+    overrides = toy_run_config(
+        tmp_path,
+        **{"model.item-ids": True, "train.id-lr": 0.05, "server-optimizer": "fedadam", "server-lr": 0.01},
+    )
+    results = simulate("smoke", overrides, stream=False)
+    num_items = results["dataset"]["num_items"]
+    table_bytes = num_items * 32 * 4  # the tiny BERT is 32 wide
+    for record in results["rounds"]:
+        assert record["clients"] == 5 and record["failures"] == 0 and record["rejected_updates"] == 0
+        assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"] > table_bytes
+    saved = load_file(str(latest_checkpoint(tmp_path / "out")[1] / "adapter_model.safetensors"))
+    table = next(v for k, v in saved.items() if "item_identity" in k)
+    assert table.shape == (num_items, 32) and table.abs().max() > 0
+    capsys.readouterr()
+    assert main(["recommend", "--model", str(tmp_path / "out"), "--user", "u1", "--k", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6
+
+
 def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, flwr_home):
     """DP-SGD on every client: the target is spent by the last round and never exceeded."""
     overrides = toy_run_config(
