@@ -184,6 +184,8 @@ class FedRecAvg(FedAvg):
                 for record in message.content.metric_records.values():
                     record[records.EQUAL_WEIGHT] = 1
         arrays, metrics = super().aggregate_train(server_round, valid)
+        if arrays is not None:
+            arrays = self._in_global_dtypes(arrays)
         if arrays is not None and self.user_dp_clients:
             arrays = self._divide_by_sampled(arrays, len(ok))
         if metrics is not None:
@@ -191,6 +193,14 @@ class FedRecAvg(FedAvg):
                 {k: float(v) for k, v in metrics.items() if k not in NOT_AVERAGED}
             )
         return arrays, metrics
+
+    def _in_global_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate in the global adapters' dtypes: FedAdam's NumPy arithmetic
+        returns float64, which would double every later download."""
+        state = arrays.to_torch_state_dict()
+        if all(state[k].dtype == g.dtype for k, g in self._global.items()):
+            return arrays
+        return ArrayRecord(OrderedDict((k, state[k].to(g.dtype)) for k, g in self._global.items()))
 
     def _divide_by_sampled(self, mean: ArrayRecord, count: int) -> ArrayRecord:
         """The global adapters plus the sum of ``count`` updates over max(m, count)."""

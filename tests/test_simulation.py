@@ -82,6 +82,8 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
     for record in results["rounds"]:
         assert record["clients"] == 5 and record["failures"] == 0 and record["rejected_updates"] == 0
         assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"] > table_bytes
+        # FedAdam's step keeps the adapters' float32 (NumPy would make them float64)
+        assert record["bytes_down_per_client"] == record["bytes_up_per_client"]
     saved = load_file(str(latest_checkpoint(tmp_path / "out")[1] / "adapter_model.safetensors"))
     table = next(v for k, v in saved.items() if "item_identity" in k)
     assert table.shape == (num_items, 32) and table.abs().max() > 0

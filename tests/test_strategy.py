@@ -88,6 +88,7 @@ def test_fedadam_takes_its_adaptive_step_from_the_validated_mean():
     assert strategy.last_round[records.REJECTED_UPDATES] == 2
     beta_1, beta_2, tau, server_round = 0.9, 0.99, strategy.tau, 1
     rate = 0.01 * math.sqrt(1 - beta_2 ** (server_round + 1)) / (1 - beta_1 ** (server_round + 1))
+    assert all(aggregate[key].dtype == initial[key].dtype == torch.float32 for key in initial)
     for key in initial:
         delta = honest[key].double()
         m, v = (1 - beta_1) * delta, (1 - beta_2) * delta.square()
