@@ -10,8 +10,10 @@ before both are normalised again:
     item = normalise(text(i) + id[i])        user = normalise(text(h) + mean id[h])
 
 The table starts at zero, so an untrained model is exactly the text-only one,
-and items never trained on (cold items) keep the zero vector: they are scored
-from their text alone. The table is a PEFT ``modules_to_save`` module: it is
+and an item added after training (or never drawn, not even as a sampled
+negative) keeps the zero vector: it is scored from its text alone. An item that
+is in the catalogue but has no interactions is still drawn as a negative, so
+its vector only learns to keep it away from users, as an ID model's would. The table is a PEFT ``modules_to_save`` module: it is
 trained, checkpointed, sent and averaged together with the LoRA adapters.
 """
 
