@@ -126,7 +126,7 @@ class ModelConfig:
     """Add a learned identity vector per catalogue item (a zero-initialised table,
     trained, sent and averaged with the adapters) to the item's text embedding, and
     the mean of the history items' vectors to the user's. Uploads grow by
-    items x hidden floats; items never trained on are scored from text alone."""
+    items x hidden floats; items added after training are scored from text alone."""
 
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")

@@ -13,8 +13,10 @@ The table starts at zero, so an untrained model is exactly the text-only one,
 and an item added after training (or never drawn, not even as a sampled
 negative) keeps the zero vector: it is scored from its text alone. An item that
 is in the catalogue but has no interactions is still drawn as a negative, so
-its vector only learns to keep it away from users, as an ID model's would. The table is a PEFT ``modules_to_save`` module: it is
-trained, checkpointed, sent and averaged together with the LoRA adapters.
+its vector only learns to keep it away from users, as an ID model's would.
+
+The table is a PEFT ``modules_to_save`` module: it is trained, checkpointed,
+sent and averaged together with the LoRA adapters.
 """
 
 from __future__ import annotations
