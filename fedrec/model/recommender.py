@@ -105,12 +105,12 @@ class TwoTowerRecommender(nn.Module):
         logits = queries @ candidates.reshape(size * columns, -1).T / self.temperature
         flat = items.reshape(-1)
         target = torch.arange(size, device=items.device) * columns
-        known = (flat[None, :] == items[:, :1]) | (
+        is_positive_of = flat[None, :] == items[:, :1]  # [o, j]: candidate j is row o's positive
+        known = is_positive_of | (
             (flat[None, None, :] == history[:, :, None]) & history_mask[:, :, None].bool()
         ).any(dim=1)
         if users is not None:  # [b, o, j]: row o is b's user's and candidate j is o's positive
             same_user = users[:, None] == users[None, :]
-            is_positive_of = flat[None, :] == items[:, :1]
             known |= (same_user[:, :, None] & is_positive_of[None, :, :]).any(dim=1)
         known[torch.arange(size, device=items.device), target] = False
         return logits.masked_fill(known, float("-inf")), target
