@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from fedrec import records
 from server.strategy import server_strategy
 from tests.privacy.test_user_level import (  # noqa: F401  (server_identity: autouse fixture)
+    STRATEGY_SETTINGS,
     FakeGrid,
     adapters,
     make_strategy,
@@ -62,16 +63,7 @@ def test_without_a_norm_bound_a_huge_update_gets_in():
     assert not torch.allclose(aggregate["lora_A.weight"], initial["lora_A.weight"] + honest["lora_A.weight"])
 
 
-SETTINGS = {
-    "fraction_train": 1.0,
-    "fraction_evaluate": 0.0,
-    "min_train_nodes": 1,
-    "min_available_nodes": 1,
-    "weighted_by_key": records.NUM_EXAMPLES,
-    "arrayrecord_key": records.ARRAYS,
-    "configrecord_key": records.CONFIG,
-    "max_update_norm": 100.0,
-}
+SETTINGS = {**STRATEGY_SETTINGS, "max_update_norm": 100.0}
 
 
 def test_fedavgm_scales_the_validated_mean_by_the_server_learning_rate():

@@ -130,18 +130,21 @@ class FakeGrid:
         return self.node_ids
 
 
+STRATEGY_SETTINGS = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 0.0,
+    "min_train_nodes": 1,
+    "min_available_nodes": 1,
+    "weighted_by_key": records.NUM_EXAMPLES,
+    "arrayrecord_key": records.ARRAYS,
+    "configrecord_key": records.CONFIG,
+}
+"""Strategy arguments as server_app passes them (weighted by num-examples), all nodes sampled."""
+
+
 def make_strategy(**kwargs) -> FedRecAvg:
-    """FedRecAvg built as server_app builds it (weighted by num-examples)."""
-    settings = {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": 1,
-        "min_available_nodes": 1,
-        "weighted_by_key": records.NUM_EXAMPLES,
-        "arrayrecord_key": records.ARRAYS,
-        "configrecord_key": records.CONFIG,
-    }
-    return FedRecAvg(**{**settings, **kwargs})
+    """FedRecAvg built as server_app builds it."""
+    return FedRecAvg(**{**STRATEGY_SETTINGS, **kwargs})
 
 
 def adapters(shape_a=(4, 6), shape_b=(6, 4), seed=0) -> OrderedDict:
