@@ -224,6 +224,38 @@ class EvalConfig:
         _check(self.max_users >= 0, "eval.max-users", "must be >= 0")
 
 
+@dataclass(frozen=True)
+class PersonalConfig:
+    """The on-device user embedding of :mod:`fedrec.model.personal_vector`: a private
+    vector and a recency term, both from the user's own items after training."""
+
+    enabled: bool = False
+    """Fit a private vector per user on the device, added to the user embedding
+    for evaluation and serving (never sent, no privacy cost)."""
+    l2: float = 1.0
+    """Weight of the squared norm of the vector (keeps it near the shared embedding)."""
+    steps: int = 100
+    """Adam steps of the fit."""
+    lr: float = 0.01
+    """Adam learning rate of the fit."""
+    recent_items: int = 0
+    """Add the mean embedding of the user's last N items to the user embedding (0: off)."""
+    recent_weight: float = 0.4
+    """Weight of that mean (the user embedding has norm 1)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether anything changes the shared model's user embedding."""
+        return self.enabled or self.recent_items > 0
+
+    def __post_init__(self) -> None:
+        _check(self.l2 >= 0, "personal.l2", "must be >= 0")
+        _check(self.recent_items >= 0, "personal.recent-items", "must be >= 0")
+        _check(self.recent_weight >= 0, "personal.recent-weight", "must be >= 0")
+        _check(self.steps >= 1, "personal.steps", "must be >= 1")
+        _check(self.lr > 0, "personal.lr", "must be > 0")
+
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 
 
@@ -316,6 +348,7 @@ class FedRecConfig:
     dp: PrivacyConfig = field(default_factory=PrivacyConfig)
     user_dp: UserLevelDPConfig = field(default_factory=UserLevelDPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -359,6 +392,7 @@ _SECTIONS: dict[str, str] = {
     "dp": "dp.",
     "user_dp": "user-dp.",
     "secagg": "secagg.",
+    "personal": "personal.",
 }
 
 

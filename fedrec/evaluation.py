@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from fedrec.config import PersonalConfig
 from fedrec.examples import padded_history
 from fedrec.metrics import beyond_accuracy, ranking_metrics, target_ranks
+from fedrec.model.personal_vector import personalise
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
 from fedrec.tokens import TokenTable, history_tokens
@@ -151,9 +153,15 @@ def model_scorer(
     history_items: int,
     max_user_tokens: int,
     device: torch.device,
+    personal: PersonalConfig | None = None,
 ) -> Scorer:
     """Cosine scores of the model; the catalogue is encoded once per call of this, and
-    each user once (the cold-start test scores the same users again)."""
+    each user once (the cold-start test scores the same users again).
+
+    ``personal`` makes each user's embedding personal (private vector, recency
+    term: :mod:`fedrec.model.personal_vector`) from that user's ``histories`` row
+    alone: what the user's device computes, done here for many users at once.
+    """
     items = encode_items(model, table, device)
     encoded: dict[int, torch.Tensor] = {}
 
@@ -163,6 +171,10 @@ def model_scorer(
             vectors = encode_users(
                 model, table, [histories[u] for u in missing], history_items, max_user_tokens, device
             )
+            if personal is not None and personal.active:
+                vectors = personalise(
+                    vectors, items, [histories[u] for u in missing], personal, model.temperature
+                )
             encoded.update(zip(missing, vectors))
         user_vectors = torch.stack([encoded[int(u)] for u in users])
         with torch.autocast(device.type, enabled=False):  # rank in float32 even under autocast

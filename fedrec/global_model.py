@@ -54,6 +54,7 @@ class GlobalModel:
                 self.config.model.history_items,
                 self.config.model.max_user_tokens,
                 self.device,
+                self.config.personal,
             )
             metrics = evaluate_scorer(
                 scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users, beyond=True

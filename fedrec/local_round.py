@@ -152,5 +152,6 @@ def evaluate_local(
             config.model.history_items,
             config.model.max_user_tokens,
             device,
+            config.personal,
         )
         return evaluate_scorer(scorer, prepared, "test", config.eval.k, users=data.users)
