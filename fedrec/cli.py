@@ -140,6 +140,19 @@ def _deploy_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from fedrec.reevaluate import evaluate_run
+    from simulations.runner import parse_overrides
+
+    result = evaluate_run(
+        Path(args.model), args.round, args.split, parse_overrides(args.run_config), Path(args.out) if args.out else None
+    )
+    metrics = result["metrics"]
+    print(f"round {result['round']} {result['split']}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY[1:5]))
+    print(f"metrics: {result['file']}")
+    return 0
+
+
 def _recommendation_table(found: list) -> str:
     rows = [f"{'item_id':>10}  {'score':>7}  {'title':<48} because you have"]
     for r in found:
@@ -149,10 +162,11 @@ def _recommendation_table(found: list) -> str:
 
 def _recommend(args: argparse.Namespace) -> int:
     from fedrec.serving import Recommender
+    from simulations.runner import parse_overrides
 
     if args.user is None and not args.items and not args.text:
         raise ValueError("give --user, or a new user's --items and/or --text")
-    recommender = Recommender.from_run(args.model, args.round, args.quantize)
+    recommender = Recommender.from_run(args.model, args.round, args.quantize, parse_overrides(args.run_config))
     if args.user is not None:
         found = recommender.for_user(args.user, args.k)
     else:
@@ -167,8 +181,9 @@ def _recommend(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from fedrec.serving import Recommender
     from fedrec.serving.http import make_server
+    from simulations.runner import parse_overrides
 
-    recommender = Recommender.from_run(args.model, args.round, args.quantize)
+    recommender = Recommender.from_run(args.model, args.round, args.quantize, parse_overrides(args.run_config))
     server = make_server(recommender, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {recommender.num_items} items on http://{host}:{port} (Ctrl-C stops)", flush=True)
@@ -241,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
         p.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
         p.add_argument("--quantize", choices=("none", "int8"), default="none", help="dynamic int8 encoder on CPU")
+        p.add_argument(
+            "--run-config",
+            action="append",
+            help='evaluation-time settings, e.g. "personal.enabled=true personal.recent-items=3" (default: the run\'s)',
+        )
 
     recommend = sub.add_parser("recommend", help="top-k items for a user of a trained run, or a new user")
     model_options(recommend)
@@ -250,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--k", type=int, default=10, help="how many items (default: %(default)s)")
     recommend.add_argument("--json", action="store_true", help="print JSON")
     recommend.set_defaults(func=_recommend)
+    evaluate = sub.add_parser("evaluate", help="evaluate a run's checkpoint again, e.g. with personal vectors")
+    evaluate.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
+    evaluate.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
+    evaluate.add_argument("--split", choices=("test", "valid"), default="test", help="held-out items (default: %(default)s)")
+    evaluate.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.enabled=true personal.l2=3"')
+    evaluate.add_argument("--out", help="JSON file (default: RUN/evaluations/round-NNNN-SPLIT[_overrides].json)")
+    evaluate.set_defaults(func=_evaluate)
     serve = sub.add_parser("serve", help="an HTTP endpoint for recommendations (docs/serving.md)")
     model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

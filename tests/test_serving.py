@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from fedrec.checkpoint import save_checkpoint
-from fedrec.config import load_config, to_run_config
-from fedrec.evaluation import encode_items, encode_users
+from fedrec.cli import main
+from fedrec.config import ConfigError, load_config, to_run_config
+from fedrec.evaluation import encode_items, encode_users, evaluate_scorer, histories_for, model_scorer
+from fedrec.model.personal_vector import personalise
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import build_recommender, token_table
 from fedrec.prepare import prepare
@@ -160,6 +162,45 @@ def test_older_round_and_int8_quantization(run_dir, recommender):
     cosine = (quantized.items * recommender.items).sum(1)
     assert cosine.min() > 0.9, cosine.min()
     assert index_path(quantized.trained) != index_path(recommender.trained)
+
+
+PERSONAL = {"personal.enabled": True, "personal.steps": 30, "personal.recent-items": 2}
+
+
+def test_personal_user_vector_is_fitted_from_the_users_items(run_dir, recommender, reference):
+    config, prepared, _, _ = reference
+    personal = Recommender.from_run(run_dir, overrides=PERSONAL)
+    user_id = str(prepared.users["user_id"].iloc[2])
+    known = _known_items(prepared, 2)
+    settings = personal.trained.config.personal
+    expected = personalise(recommender.user_vector(known)[None], recommender.items, [known], settings, 0.05)[0]
+    torch.testing.assert_close(personal.user_vector(known), expected)
+    scores = (personal.items @ expected).numpy()
+    scores[known] = -np.inf
+    found = personal.for_user(user_id, k=5)
+    assert [r.item_id for r in found] == prepared.items["item_id"].iloc[np.argsort(-scores, kind="stable")[:5]].tolist()
+    assert (expected - recommender.user_vector(known)).abs().max() > 1e-2
+
+
+def test_only_evaluation_settings_change_after_training(run_dir):
+    with pytest.raises(ConfigError, match=r"'lora.r'.*cannot change after training"):
+        Recommender.from_run(run_dir, overrides={"lora.r": 8, "personal.enabled": True})
+
+
+def test_fedrec_evaluate_scores_a_checkpoint_again_and_writes_json(run_dir, reference, tmp_path):
+    config, prepared, model, table = reference
+    out = tmp_path / "personal.json"
+    args = ["evaluate", "--model", str(run_dir), "--split", "valid", "--out", str(out)]
+    assert main([*args, "--run-config", "personal.enabled=true personal.steps=30 personal.recent-items=2"]) == 0
+    written = json.loads(out.read_text())
+    assert written["round"] == 3 and written["split"] == "valid" and written["overrides"]["personal.enabled"] is True
+    settings = load_config({**to_run_config(config), **PERSONAL}).personal
+    histories = histories_for(prepared, "valid")
+    scorer = model_scorer(model, table, histories, config.model.history_items, config.model.max_user_tokens, torch.device("cpu"), settings)
+    expected = evaluate_scorer(scorer, prepared, "valid", config.eval.k, beyond=True)
+    for name in ("hr@10", "ndcg@10", "hr@10_full", "coverage@10"):
+        assert written["metrics"][name] == pytest.approx(expected[name], abs=1e-6), name
+    assert main(["evaluate", "--model", str(run_dir), "--run-config", "train.lr=1"]) == 2
 
 
 def test_run_directory_errors_name_the_folder(tmp_path, run_dir):

@@ -14,7 +14,7 @@ history items most similar to it ("because you watched ...").
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedrec.config import RunConfigValue
 from fedrec.evaluation import histories_for
 from fedrec.examples import padded_history
 from fedrec.model.encoder import load_tokenizer
+from fedrec.model.personal_vector import personalise
 from fedrec.serving.index import item_index
 from fedrec.serving.trained import TrainedModel, load_trained
 from fedrec.tokens import join_titles
@@ -80,10 +82,14 @@ class Recommender:
     """Answers "top-k for this user" from a trained run's merged model and item index."""
 
     def __init__(
-        self, trained: TrainedModel, explanations: int = 2, items: torch.Tensor | None = None
+        self,
+        trained: TrainedModel,
+        explanations: int = 2,
+        items: torch.Tensor | None = None,
     ) -> None:
         """``items``: the item index to use instead of :func:`item_index`'s (benchmarks)."""
         self.trained = trained
+        self.personal = trained.config.personal
         self.explanations = explanations
         self.items = item_index(trained) if items is None else items
         catalogue = trained.prepared.items
@@ -96,10 +102,15 @@ class Recommender:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, server_round: int | None = None, quantization: str = "none"
+        cls,
+        run_dir: str | Path,
+        server_round: int | None = None,
+        quantization: str = "none",
+        overrides: Mapping[str, RunConfigValue] | None = None,
     ) -> Recommender:
-        """Load a run directory written by ``fedrec simulate``."""
-        return cls(load_trained(Path(run_dir), server_round, quantization))
+        """Load a run directory written by ``fedrec simulate``; ``overrides``:
+        evaluation-time settings, e.g. ``{"personal.enabled": True}``."""
+        return cls(load_trained(Path(run_dir), server_round, quantization, overrides))
 
     @property
     def num_items(self) -> int:
@@ -133,7 +144,8 @@ class Recommender:
         """The user tower's embedding [D] of catalogue items, then free-text titles.
 
         Both are taken as chronological (last = most recent); the text starts
-        with the most recent, as in training.
+        with the most recent, as in training. ``personal.*`` then adds the user's
+        private vector and recency term, from the catalogue items of ``history``.
         """
         settings = self.trained.config.model
         titles = [self.trained.table.title_tokens[i] for i in history]
@@ -152,6 +164,10 @@ class Recommender:
                 torch.from_numpy(mask[None].astype(np.int64)),
                 torch.from_numpy(known[None]),
                 torch.from_numpy(known_mask[None]),
+            )
+        if self.personal.active and len(history):
+            vector = personalise(
+                vector, self.items, [np.asarray(history)], self.personal, self.trained.model.temperature
             )
         return vector[0].float()
 

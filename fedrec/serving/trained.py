@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,13 @@ import torch
 from torch import nn
 
 from fedrec.checkpoint import checkpoint_dir, latest_checkpoint
-from fedrec.config import FedRecConfig, load_config
+from fedrec.config import (
+    ConfigError,
+    FedRecConfig,
+    RunConfigValue,
+    load_config,
+    to_run_config,
+)
 from fedrec.model.adapters import load_saved_adapter
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.recommender import TwoTowerRecommender
@@ -64,7 +71,23 @@ def run_config_of(run_dir: Path) -> FedRecConfig:
     return load_config(settings)
 
 
-def _checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]:
+EVALUATION_SETTINGS = ("personal.", "runtime.", "eval.k", "eval.max-users")
+"""Settings (or prefixes) that may differ from training's; the rest would not match the checkpoint."""
+
+
+def evaluation_config(run_dir: Path, overrides: Mapping[str, RunConfigValue]) -> FedRecConfig:
+    """The run's settings with evaluation-time ``overrides``; any other setting is refused."""
+    fixed = [key for key in overrides if not key.startswith(EVALUATION_SETTINGS)]
+    if fixed:
+        raise ConfigError(
+            f"{fixed} cannot change after training (the checkpoint depends on them); "
+            f"only {', '.join(EVALUATION_SETTINGS)} can"
+        )
+    return load_config({**to_run_config(run_config_of(run_dir)), **overrides})
+
+
+def find_checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]:
+    """(round, folder) of the chosen checkpoint of a run (None: the newest)."""
     if server_round is None:
         found = latest_checkpoint(run_dir)
         if found is None:
@@ -91,18 +114,22 @@ def quantize_int8(model: TwoTowerRecommender) -> TwoTowerRecommender:
 
 
 def load_trained(
-    run_dir: Path, server_round: int | None = None, quantization: str = "none"
+    run_dir: Path,
+    server_round: int | None = None,
+    quantization: str = "none",
+    overrides: Mapping[str, RunConfigValue] | None = None,
 ) -> TrainedModel:
     """Load a run's settings, catalogue and model with merged adapters, for CPU inference.
 
     ``server_round`` picks a checkpoint (default: the newest); ``quantization``
-    ``int8`` quantizes the merged encoder's linear layers dynamically.
+    ``int8`` quantizes the merged encoder's linear layers dynamically;
+    ``overrides``: evaluation-time settings (:func:`evaluation_config`).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     run_dir = Path(run_dir)
-    config = run_config_of(run_dir)
-    server_round, folder = _checkpoint(run_dir, server_round)
+    config = evaluation_config(run_dir, overrides or {})
+    server_round, folder = find_checkpoint(run_dir, server_round)
     prepared = prepare(config.data, config.eval)
     recommender = build_recommender(config.model, config.lora, prepared.num_items)
     load_saved_adapter(recommender.encoder, folder)

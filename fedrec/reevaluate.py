@@ -1,0 +1,57 @@
+"""Evaluate a finished run's checkpoint again, with other evaluation-time settings.
+
+Training settings are fixed by the checkpoint; what can change is how the trained
+model is used: the private per-user vector (``personal.*``), the cut-off
+(``eval.k``), how many users are scored (``eval.max-users``) and the runtime.
+``fedrec evaluate`` writes the metrics next to the run, so a lever that needs no
+training (e.g. ``personal.enabled``) is measured on the very same adapters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedrec.config import RunConfigValue
+from fedrec.global_model import GlobalModel
+from fedrec.model.adapters import load_saved_adapter
+from fedrec.prepare import prepare
+from fedrec.runtime import configure_threads
+from fedrec.serving.trained import evaluation_config, find_checkpoint
+
+
+def evaluate_run(
+    run_dir: Path,
+    server_round: int | None = None,
+    split: str = "test",
+    overrides: Mapping[str, RunConfigValue] | None = None,
+    out: Path | None = None,
+) -> dict:
+    """Metrics of a run's checkpoint on ``split`` (test or valid), written as JSON.
+
+    ``out`` defaults to ``RUN/evaluations/round-NNNN-SPLIT[_KEY=VALUE...].json``
+    (one file per set of overrides); the file records the overrides too.
+    """
+    if split not in ("test", "valid"):
+        raise ValueError(f"split must be test or valid, not {split!r}")
+    run_dir = Path(run_dir)
+    overrides = dict(overrides or {})
+    config = evaluation_config(run_dir, overrides)
+    configure_threads(config.runtime)
+    server_round, folder = find_checkpoint(run_dir, server_round)
+    model = GlobalModel(config, prepare(config.data, config.eval))
+    load_saved_adapter(model.model.encoder, folder)
+    result = {
+        "run": str(run_dir),
+        "round": server_round,
+        "split": split,
+        "overrides": overrides,
+        "metrics": model.evaluate(split),
+    }
+    tag = "".join(f"_{key}={value}" for key, value in sorted(overrides.items()))
+    out = out or run_dir / "evaluations" / f"round-{server_round:04d}-{split}{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    result["file"] = str(out)
+    return result
