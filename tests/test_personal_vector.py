@@ -8,7 +8,11 @@ import torch
 
 from fedrec.config import ConfigError, PersonalConfig, load_config
 from fedrec.evaluation import encode_items, encode_users, model_scorer
-from fedrec.model.personal_vector import fit_personal_vectors, personalise, recent_items_mean
+from fedrec.model.personal_vector import (
+    fit_personal_vectors,
+    personalise,
+    recent_items_mean,
+)
 from tests.conftest import TINY
 
 TEMPERATURE = 0.05

@@ -14,10 +14,16 @@ import torch
 from fedrec.checkpoint import save_checkpoint
 from fedrec.cli import main
 from fedrec.config import ConfigError, load_config, to_run_config
-from fedrec.evaluation import encode_items, encode_users, evaluate_scorer, histories_for, model_scorer
-from fedrec.model.personal_vector import personalise
+from fedrec.evaluation import (
+    encode_items,
+    encode_users,
+    evaluate_scorer,
+    histories_for,
+    model_scorer,
+)
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import build_recommender, token_table
+from fedrec.model.personal_vector import personalise
 from fedrec.prepare import prepare
 from fedrec.results import RunRecord
 from fedrec.serving import (
@@ -168,7 +174,7 @@ PERSONAL = {"personal.enabled": True, "personal.steps": 30, "personal.recent-ite
 
 
 def test_personal_user_vector_is_fitted_from_the_users_items(run_dir, recommender, reference):
-    config, prepared, _, _ = reference
+    _, prepared, _, _ = reference
     personal = Recommender.from_run(run_dir, overrides=PERSONAL)
     user_id = str(prepared.users["user_id"].iloc[2])
     known = _known_items(prepared, 2)

@@ -69,7 +69,8 @@ def fit_personal_vectors(
     counts = positives.sum(1)
     offsets = torch.zeros_like(users, requires_grad=True)
     optimizer = torch.optim.Adam([offsets], lr=config.lr)
-    with torch.enable_grad():
+    # a fit of its own: gradients on even under no_grad, float32 even under autocast
+    with torch.enable_grad(), torch.autocast(users.device.type, enabled=False):
         for _ in range(config.steps):
             logits = (users + offsets) @ items.T / temperature
             # a finite fill keeps a user who has every item free of NaN (no negatives: no loss)
@@ -89,10 +90,10 @@ def recent_items_mean(items: torch.Tensor, histories: Sequence[np.ndarray], coun
     rows = [
         items[torch.as_tensor(np.asarray(h, dtype=np.int64)[-count:])].float().mean(0)
         if len(h)
-        else torch.zeros(items.shape[1])
+        else items.new_zeros(items.shape[1]).float()
         for h in histories
     ]
-    return torch.stack(rows) if rows else torch.zeros(0, items.shape[1])
+    return torch.stack(rows) if rows else items.new_zeros(0, items.shape[1]).float()
 
 
 def personalise(
@@ -110,5 +111,6 @@ def personalise(
     if config.enabled:
         users = fit_personal_vectors(users, items, histories, config, temperature)
     if config.recent_items:
-        users = users.float() + config.recent_weight * recent_items_mean(items, histories, config.recent_items).to(users.device)
+        recent = recent_items_mean(items, histories, config.recent_items).to(users.device)
+        users = users.float() + config.recent_weight * recent
     return torch.nn.functional.normalize(users.float(), dim=1)
