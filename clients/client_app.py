@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -22,9 +24,11 @@ from fedrec.deploy.device_data import (
     load_device_data,
 )
 from fedrec.deploy.device_state import save_last_round
+from fedrec.item_counts import local_item_counts, noised, release_entry
 from fedrec.local_round import evaluate_local, run_local_round
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
+from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
 from fedrec.privacy.budget import BudgetExhausted
 from fedrec.tokens import TokenTable
 
@@ -129,8 +133,51 @@ def evaluate(msg: Message, context: Context) -> Message:
         int(context.node_config["partition-id"]),
         int(context.node_config["num-partitions"]),
     )
+    sent = msg.content[records.CONFIG].get(records.ITEM_COUNTS) if records.CONFIG in msg.content else None
     metrics = evaluate_local(
-        config, prepared, data, msg.content[records.ARRAYS].to_torch_state_dict()
+        config,
+        prepared,
+        data,
+        msg.content[records.ARRAYS].to_torch_state_dict(),
+        None if sent is None else np.asarray(sent, dtype=np.float64),
     )
     metrics[records.NUM_EXAMPLES] = len(data.users)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply with this client's item counts, noised on the device (``popularity.*``).
+
+    Under DP the release enters the client's accountant before anything leaves
+    (:func:`fedrec.item_counts.release_entry`); a client whose budget it would
+    exceed replies with ``records.BUDGET_EXHAUSTED`` instead.
+    """
+    config = load_config(context.run_config)
+    try:
+        data, table = _training_inputs(config, msg, context)
+    except DeviceDataError as err:
+        log.error("cannot count this device's items: %s", err)
+        return Message(Error(code=records.DEVICE_DATA_INVALID, reason=str(err)), reply_to=msg)
+    counts = local_item_counts(data.sequences, len(table.item_ids))
+    metrics: dict[str, float] = {records.PARTITION_ID: data.partition_id}
+    if config.dp.enabled:
+        state = load_accountant(context, config, data.partition_id)
+        delta = delta_for(config.dp, max(1, int(counts.sum())))  # its training examples
+        noise, rate, steps = release_entry(config.popularity)
+        exceeds, after = would_exceed(state, config.dp, delta, noise, rate, steps)
+        if exceeds:
+            refusal = BudgetExhausted(epsilon(state, delta), after, config.dp.budget, delta)
+            log.warning("partition %d: %s", data.partition_id, refusal)
+            return Message(Error(code=records.BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
+        state = AccountantState(state.mechanism, [*state.history, (noise, rate, steps)], state.rounds)
+        save_accountant(context, config, data.partition_id, state)
+        metrics.update({records.EPSILON: after, records.DELTA: delta})
+    reply = noised(counts, config.popularity.noise)
+    content = RecordDict(
+        {
+            records.ARRAYS: ArrayRecord({records.ITEM_COUNTS: torch.from_numpy(reply)}),
+            records.METRICS: MetricRecord(metrics),
+        }
+    )
+    return Message(content, reply_to=msg)

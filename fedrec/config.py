@@ -10,6 +10,7 @@ fails at start-up with the name of the setting rather than deep inside training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -256,6 +257,32 @@ class PersonalConfig:
         _check(self.lr > 0, "personal.lr", "must be > 0")
 
 
+@dataclass(frozen=True)
+class PopularityConfig:
+    """The popularity prior of :mod:`fedrec.item_counts`: item counts summed over
+    the clients, each client's counts noised on its device before they leave it."""
+
+    weight: float = 0.0
+    """Add ``weight * log(1 + count)`` of each item to its cosine score (0: off)."""
+    noise: float = 2.0
+    """Standard deviation of the Gaussian noise each device adds to each of its
+    counts (one training example changes one count by 1, so this is also the
+    noise multiplier of the release; its epsilon counts against ``dp.*``'s budget)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run asks its clients for their counts."""
+        return self.weight > 0
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.weight) and self.weight >= 0, "popularity.weight", "must be a finite number >= 0")
+        _check(
+            math.isfinite(self.noise) and self.noise > 0,
+            "popularity.noise",
+            "must be a finite number > 0: no device sends its exact counts",
+        )
+
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 
 
@@ -349,6 +376,7 @@ class FedRecConfig:
     user_dp: UserLevelDPConfig = field(default_factory=UserLevelDPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    popularity: PopularityConfig = field(default_factory=PopularityConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -393,6 +421,7 @@ _SECTIONS: dict[str, str] = {
     "user_dp": "user-dp.",
     "secagg": "secagg.",
     "personal": "personal.",
+    "popularity": "popularity.",
 }
 
 

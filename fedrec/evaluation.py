@@ -154,6 +154,7 @@ def model_scorer(
     max_user_tokens: int,
     device: torch.device,
     personal: PersonalConfig | None = None,
+    item_prior: torch.Tensor | None = None,
 ) -> Scorer:
     """Cosine scores of the model; the catalogue is encoded once per call of this, and
     each user once (the cold-start test scores the same users again).
@@ -161,6 +162,8 @@ def model_scorer(
     ``personal`` makes each user's embedding personal (private vector, recency
     term: :mod:`fedrec.model.personal_vector`) from that user's ``histories`` row
     alone: what the user's device computes, done here for many users at once.
+    ``item_prior`` [num_items] is added to every user's scores (the popularity
+    prior of :mod:`fedrec.item_counts`).
     """
     items = encode_items(model, table, device)
     encoded: dict[int, torch.Tensor] = {}
@@ -178,6 +181,9 @@ def model_scorer(
             encoded.update(zip(missing, vectors))
         user_vectors = torch.stack([encoded[int(u)] for u in users])
         with torch.autocast(device.type, enabled=False):  # rank in float32 even under autocast
-            return (user_vectors.float() @ items.float().T).cpu().numpy()
+            scores = user_vectors.float() @ items.float().T
+            if item_prior is not None:
+                scores = scores + item_prior.to(scores.device)
+            return scores.cpu().numpy()
 
     return score

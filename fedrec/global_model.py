@@ -25,6 +25,8 @@ class GlobalModel:
         self.device = select_device(config.runtime)
         self.model = build_recommender(config.model, config.lora, prepared.num_items).to(self.device)
         self.table = token_table(prepared, config.model)
+        self.item_prior: torch.Tensor | None = None
+        """Added to every score (the popularity prior, :mod:`fedrec.item_counts`)."""
 
     def adapters(self) -> OrderedDict[str, torch.Tensor]:
         """The current adapter state dict."""
@@ -55,6 +57,7 @@ class GlobalModel:
                 self.config.model.max_user_tokens,
                 self.device,
                 self.config.personal,
+                self.item_prior,
             )
             metrics = evaluate_scorer(
                 scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users, beyond=True

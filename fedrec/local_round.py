@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,6 +14,7 @@ from fedrec.client_data import ClientData
 from fedrec.config import FedRecConfig
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
+from fedrec.item_counts import planned_releases, popularity_prior
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import cached_item_states, cached_recommender, token_table
 from fedrec.prepare import PreparedData
@@ -114,7 +116,9 @@ def _train_privately(
     delta = delta_for(dp, num_examples)
     rate = poisson_sample_rate(loader)
     steps = planned_steps(config.train, rate)
-    noise = noise_for(dp, rate, steps, config.federation.num_server_rounds, delta)
+    noise = noise_for(
+        dp, rate, steps, config.federation.num_server_rounds, delta, planned_releases(config)
+    )
     exceeds, after = would_exceed(state, dp, delta, noise, rate, steps)
     if exceeds:
         raise BudgetExhausted(epsilon(state, delta), after, dp.budget, delta)
@@ -137,8 +141,10 @@ def evaluate_local(
     prepared: PreparedData,
     data: ClientData,
     global_adapters: dict[str, torch.Tensor],
+    item_counts: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Metrics of the global adapters on this client's own held-out (test) items."""
+    """Metrics of the global adapters on this client's own held-out (test) items
+    (``item_counts``: the run's summed counts, for ``popularity.*``)."""
     configure_threads(config.runtime)
     device = select_device(config.runtime)
     table = token_table(prepared, config.model)
@@ -153,5 +159,6 @@ def evaluate_local(
             config.model.max_user_tokens,
             device,
             config.personal,
+            popularity_prior(item_counts, config.popularity),
         )
         return evaluate_scorer(scorer, prepared, "test", config.eval.k, users=data.users)

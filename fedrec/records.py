@@ -29,6 +29,11 @@ NOISE_MULTIPLIER = "noise-multiplier"
 DP_STATE = "fedrec-dp-accountant"  # context.state key of a client's accountant history
 BUDGET_EXHAUSTED = 4031  # Error code of the reply of a client that refuses to train
 
+# The popularity prior (fedrec.item_counts): a query before the first round.
+ITEM_COUNTS = "item-counts"  # ArrayRecord key of a client's noised counts; evaluate-config key of the sum
+ITEM_COUNT_CLIENTS = "clients"  # metrics.json "item_counts": clients whose counts were summed
+ITEM_COUNT_FAILURES = "failures"  # ... and clients that replied with an error or not at all
+
 # Deployed devices (client-data=device).
 DEVICE_DATA_INVALID = 4022  # Error code: the device's data or catalogue cannot be trained on
 

@@ -2,7 +2,8 @@
 
 Training settings are fixed by the checkpoint; what can change is how the trained
 model is used: the private per-user vector (``personal.*``), the cut-off
-(``eval.k``), how many users are scored (``eval.max-users``) and the runtime.
+(``eval.k``), how many users are scored (``eval.max-users``), the weight of the
+popularity prior (``popularity.weight``, for a run that has item counts) and the runtime.
 ``fedrec evaluate`` writes the metrics next to the run, so a lever that needs no
 training (e.g. ``personal.enabled``) is measured on the very same adapters.
 """
@@ -18,7 +19,7 @@ from fedrec.global_model import GlobalModel
 from fedrec.model.adapters import load_saved_adapter
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
-from fedrec.serving.trained import evaluation_config, find_checkpoint
+from fedrec.serving.trained import evaluation_config, find_checkpoint, run_item_prior
 
 
 def evaluate_run(
@@ -42,6 +43,7 @@ def evaluate_run(
     server_round, folder = find_checkpoint(run_dir, server_round)
     model = GlobalModel(config, prepare(config.data, config.eval))
     load_saved_adapter(model.model.encoder, folder)
+    model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
     result = {
         "run": str(run_dir),
         "round": server_round,

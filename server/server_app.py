@@ -15,12 +15,14 @@ from fedrec.client_data import num_partitions_for
 from fedrec.config import ConfigError, FedRecConfig, load_config, to_run_config
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
+from fedrec.item_counts import popularity_prior
 from fedrec.logs import setup_logging
 from fedrec.model.adapters import load_saved_adapter
 from fedrec.prepare import PreparedData, prepare
 from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
+from server.item_counts import run_item_counts
 from server.secure_aggregation import SecAggFedRec
 from server.strategy import server_strategy
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
@@ -103,6 +105,17 @@ def main(grid: Grid, context: Context) -> None:
     if start_round >= total:
         log.info("All %d rounds already done in %s", total, out_dir)
         return
+    timeout = config.federation.round_timeout or DEFAULT_ROUND_TIMEOUT
+    evaluate_config = ConfigRecord()
+    if config.popularity.enabled:  # the zero-shot baseline above ranks without it
+        counts, summary = run_item_counts(
+            grid, config, prepared.catalogue_digest, prepared.num_items, out_dir, timeout
+        )
+        model.item_prior = popularity_prior(counts, config.popularity)
+        evaluate_config[records.ITEM_COUNTS] = counts.tolist()
+        if summary is not None:
+            record.model[records.ITEM_COUNTS] = summary
+            record.write(out_dir)
 
     if config.secagg.enabled:
         strategy = SecAggFedRec(config, context, round_offset=start_round)
@@ -180,9 +193,10 @@ def main(grid: Grid, context: Context) -> None:
             grid=grid,
             initial_arrays=ArrayRecord(model.adapters()),
             num_rounds=total - start_round,
-            timeout=config.federation.round_timeout or DEFAULT_ROUND_TIMEOUT,
+            timeout=timeout,
             # Devices check that they index the same catalogue before training.
             train_config=ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest}),
+            evaluate_config=evaluate_config,
             evaluate_fn=evaluate_round,
         )
     tensorboard.close()

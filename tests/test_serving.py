@@ -21,6 +21,7 @@ from fedrec.evaluation import (
     histories_for,
     model_scorer,
 )
+from fedrec.item_counts import save_item_counts
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.personal_vector import personalise
@@ -186,6 +187,28 @@ def test_personal_user_vector_is_fitted_from_the_users_items(run_dir, recommende
     found = personal.for_user(user_id, k=5)
     assert [r.item_id for r in found] == prepared.items["item_id"].iloc[np.argsort(-scores, kind="stable")[:5]].tolist()
     assert (expected - recommender.user_vector(known)).abs().max() > 1e-2
+
+
+def test_popularity_prior_is_added_to_the_served_scores(run_dir, recommender, reference):
+    _, prepared, _, _ = reference
+    with pytest.raises(RunDirectoryError, match="item-counts.npy"):
+        Recommender.from_run(run_dir, overrides={"popularity.weight": 0.1})
+    counts = np.zeros(prepared.num_items)
+    counts[:: 3] = np.arange(len(counts[:: 3])) * 10.0
+    save_item_counts(run_dir, counts)
+    try:
+        popular = Recommender.from_run(run_dir, overrides={"popularity.weight": 0.1})
+        user_id = str(prepared.users["user_id"].iloc[2])
+        known = _known_items(prepared, 2)
+        scores = (recommender.items @ recommender.user_vector(known)).numpy() + 0.1 * np.log1p(counts)
+        scores[known] = -np.inf
+        expected = np.argsort(-scores, kind="stable")[:5]
+        found = popular.for_user(user_id, k=5)
+        assert [r.item_id for r in found] == prepared.items["item_id"].iloc[expected].tolist()
+        np.testing.assert_allclose([r.score for r in found], scores[expected], atol=1e-5)
+        assert [r.item_id for r in found] != [r.item_id for r in recommender.for_user(user_id, k=5)]
+    finally:
+        (run_dir / "item-counts.npy").unlink()
 
 
 def test_only_evaluation_settings_change_after_training(run_dir):

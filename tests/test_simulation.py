@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -93,9 +94,17 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
 
 
 def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, flwr_home):
-    """DP-SGD on every client: the target is spent by the last round and never exceeded."""
+    """DP-SGD on every client, after each sent its noised item counts (popularity.*):
+    the target, counts' release included, is spent by the last round and never exceeded."""
     overrides = toy_run_config(
-        tmp_path, **{"fraction-train": 1.0, "dp.enabled": True, "dp.target-epsilon": 2.0}
+        tmp_path,
+        **{
+            "fraction-train": 1.0,
+            "dp.enabled": True,
+            "dp.target-epsilon": 2.0,
+            "popularity.weight": 0.05,
+            "popularity.noise": 4.0,
+        },
     )
     results = simulate("smoke", overrides, stream=False)
 
@@ -106,12 +115,23 @@ def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, 
     assert len(last["client_epsilons"]) == 20 and last["budget_refusals"] == 0
     assert "train_loss" not in last  # a private client does not report its loss
 
+    # every client's counts, each noised with std 4, summed and saved
+    query = results["model"]["item-counts"]
+    assert query["clients"] == 20 and query["failures"] == 0
+    counts = np.load(tmp_path / "out" / "item-counts.npy")
+    assert counts.shape == (results["dataset"]["num_items"],)
+    examples = results["dataset"]["num_train"] - 20  # each user's first item is no example's target
+    assert abs(counts.sum() - examples) < 6 * 4.0 * np.sqrt(20 * counts.size)
+    assert query["total"] == pytest.approx(counts.sum())
+
     # A third round would pass the target: each client, whose accountant was kept on
     # disk for the resumed run, refuses; the server counts the refusals and goes on.
+    # The resumed run reuses the saved counts: no client releases them again.
     resumed = simulate("smoke", {**overrides, "num-server-rounds": 3, "resume": True}, stream=False)
     third = resumed["rounds"][2]
     assert third["budget_refusals"] == 20 and "epsilon_max" not in third
     assert third["epsilon_max_run"] == last["epsilon_max_run"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "item-counts.npy"), counts)
 
 
 def test_secure_aggregation_through_flwr_run(tmp_path, flwr_home):

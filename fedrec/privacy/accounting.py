@@ -16,7 +16,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,13 +172,15 @@ def plan_noise_multiplier(
     steps_per_round: int,
     rounds: int,
     delta: float,
+    spent: Sequence[HistoryEntry] = (),
 ) -> float:
     """The noise multiplier that spends ``dp.target-epsilon`` in ``rounds`` rounds.
 
     Assumes the client takes ``steps_per_round`` steps at ``sample_rate`` in each
     of ``rounds`` rounds (with client sampling, a client that skips rounds spends
     less). Opacus' binary search returns a multiplier whose epsilon is at most the
-    target and within its tolerance of it.
+    target and within its tolerance of it. ``spent``: releases the client makes
+    besides DP-SGD (e.g. its noised item counts); the plan leaves room for them.
     """
     if config.target_epsilon <= 0:
         raise ValueError("plan_noise_multiplier needs dp.target-epsilon > 0")
@@ -188,15 +190,55 @@ def plan_noise_multiplier(
         raise ValueError(
             f"steps_per_round and rounds must be >= 1, got {steps_per_round}, {rounds}"
         )
-    return float(
-        get_noise_multiplier(
-            target_epsilon=config.target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * rounds,
-            accountant=config.accountant,
+    if not spent:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=config.target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps_per_round * rounds,
+                accountant=config.accountant,
+            )
         )
-    )
+    return _plan_after(config, sample_rate, steps_per_round * rounds, delta, [_entry(*e) for e in spent])
+
+
+_PLAN_TOLERANCE = 0.01  # Opacus' get_noise_multiplier default epsilon_tolerance
+_MAX_SIGMA = 2.0**20
+
+
+def _plan_after(
+    config: PrivacyConfig, sample_rate: float, steps: int, delta: float, spent: list[HistoryEntry]
+) -> float:
+    """Opacus' binary search for the multiplier, with ``spent`` ahead in the history."""
+    accountant = create_accountant(mechanism=config.accountant)
+
+    def spent_with(sigma: float) -> float:
+        accountant.history = [*spent, (sigma, sample_rate, steps)]
+        return float(accountant.get_epsilon(delta=delta))
+
+    target = config.target_epsilon
+    accountant.history = list(spent)
+    already = float(accountant.get_epsilon(delta=delta))
+    if already >= target:
+        raise ValueError(
+            f"the releases before training already spend epsilon {already:.4f} >= "
+            f"dp.target-epsilon={target}; raise popularity.noise or the target"
+        )
+    low, high, eps_high = 0.0, 10.0, spent_with(10.0)
+    while eps_high > target:
+        low, high = high, 2 * high
+        if high > _MAX_SIGMA:
+            raise ValueError(f"dp.target-epsilon={target} cannot be reached after the earlier releases")
+        eps_high = spent_with(high)
+    while target - eps_high > _PLAN_TOLERANCE:
+        sigma = (low + high) / 2
+        eps = spent_with(sigma)
+        if eps < target:
+            high, eps_high = sigma, eps
+        else:
+            low = sigma
+    return high
 
 
 def would_exceed(

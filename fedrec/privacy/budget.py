@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fedrec.config import TrainConfig
-from fedrec.privacy.accounting import plan_noise_multiplier
+from fedrec.privacy.accounting import HistoryEntry, plan_noise_multiplier
 from fedrec.privacy.config import PrivacyConfig
 
 
@@ -37,13 +39,19 @@ def planned_steps(train: TrainConfig, sample_rate: float) -> int:
 
 
 def noise_for(
-    config: PrivacyConfig, sample_rate: float, steps_per_round: int, rounds: int, delta: float
+    config: PrivacyConfig,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    spent: Sequence[HistoryEntry] = (),
 ) -> float:
-    """``dp.noise-multiplier``, or the one that spends ``dp.target-epsilon`` in ``rounds``.
+    """``dp.noise-multiplier``, or the one that spends ``dp.target-epsilon`` in ``rounds``
+    after the releases ``spent`` (the noised item counts).
 
     The plan assumes the client trains in every round; a client sampled less
     often spends less than the target.
     """
     if config.target_epsilon > 0:
-        return plan_noise_multiplier(config, sample_rate, steps_per_round, rounds, delta)
+        return plan_noise_multiplier(config, sample_rate, steps_per_round, rounds, delta, spent)
     return config.noise_multiplier

@@ -49,14 +49,21 @@ class EmptyHistoryError(ServingError):
 
 
 def top_k(
-    items: torch.Tensor, user_vector: torch.Tensor, exclude: np.ndarray, k: int
+    items: torch.Tensor,
+    user_vector: torch.Tensor,
+    exclude: np.ndarray,
+    k: int,
+    item_prior: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the k rows of ``items`` [I, D] most similar to ``user_vector``.
 
     One matrix-vector product over the index and a partial sort; rows in
-    ``exclude`` (the user's items) are never returned.
+    ``exclude`` (the user's items) are never returned. ``item_prior`` [I] is
+    added to the scores (the popularity prior, ``popularity.weight``).
     """
     scores = items @ user_vector
+    if item_prior is not None:
+        scores = scores + item_prior
     if len(exclude):
         scores[torch.from_numpy(np.asarray(exclude, dtype=np.int64))] = -torch.inf
     k = min(k, len(items) - len(np.unique(exclude)))
@@ -173,7 +180,7 @@ class Recommender:
 
     def top_k(self, user_vector: torch.Tensor, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(item indices, scores) of the k best catalogue items, ``exclude`` left out."""
-        return top_k(self.items, user_vector, exclude, k)
+        return top_k(self.items, user_vector, exclude, k, self.trained.item_prior)
 
     def _explain(self, recommended: np.ndarray, history: np.ndarray) -> list[tuple[str, ...]]:
         if not len(history) or not self.explanations:

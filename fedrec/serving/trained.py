@@ -27,6 +27,7 @@ from fedrec.config import (
     load_config,
     to_run_config,
 )
+from fedrec.item_counts import COUNTS_FILE, load_item_counts, popularity_prior
 from fedrec.model.adapters import load_saved_adapter
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.recommender import TwoTowerRecommender
@@ -54,6 +55,8 @@ class TrainedModel:
     model: TwoTowerRecommender
     server_round: int
     quantization: str
+    item_prior: torch.Tensor | None = None
+    """Added to every item's score (``popularity.*``; None when off)."""
 
 
 def run_config_of(run_dir: Path) -> FedRecConfig:
@@ -71,7 +74,7 @@ def run_config_of(run_dir: Path) -> FedRecConfig:
     return load_config(settings)
 
 
-EVALUATION_SETTINGS = ("personal.", "runtime.", "eval.k", "eval.max-users")
+EVALUATION_SETTINGS = ("personal.", "runtime.", "eval.k", "eval.max-users", "popularity.weight")
 """Settings (or prefixes) that may differ from training's; the rest would not match the checkpoint."""
 
 
@@ -84,6 +87,20 @@ def evaluation_config(run_dir: Path, overrides: Mapping[str, RunConfigValue]) ->
             f"only {', '.join(EVALUATION_SETTINGS)} can"
         )
     return load_config({**to_run_config(run_config_of(run_dir)), **overrides})
+
+
+def run_item_prior(run_dir: Path, config: FedRecConfig, num_items: int) -> torch.Tensor | None:
+    """The popularity prior of a run (None when ``popularity.weight`` is 0), from the
+    item counts its clients sent (``item-counts.npy``)."""
+    if not config.popularity.enabled:
+        return None
+    counts = load_item_counts(run_dir, num_items)
+    if counts is None:
+        raise RunDirectoryError(
+            f"popularity.weight={config.popularity.weight} needs {Path(run_dir) / COUNTS_FILE}, "
+            "which only a run trained with popularity.weight > 0 has"
+        )
+    return popularity_prior(counts, config.popularity)
 
 
 def find_checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]:
@@ -146,4 +163,5 @@ def load_trained(
         model=model,
         server_round=server_round,
         quantization=quantization,
+        item_prior=run_item_prior(run_dir, config, prepared.num_items),
     )

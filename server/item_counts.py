@@ -1,0 +1,96 @@
+"""Before the first round: ask every client for its noised item counts and sum them.
+
+See :mod:`fedrec.item_counts` for what the counts are, how the devices noise
+them and what the release costs in ε.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedrec import records
+from fedrec.config import FedRecConfig
+from fedrec.item_counts import load_item_counts, save_item_counts
+
+log = logging.getLogger("fedrec.server")
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """The summed counts and how they were obtained."""
+
+    counts: np.ndarray
+    clients: int
+    """Clients whose counts are in the sum."""
+    failures: int
+    """Clients that replied with an error (e.g. a spent budget) or not at all."""
+
+    def summary(self, noise: float) -> dict[str, float]:
+        """What metrics.json records of the query."""
+        return {
+            records.ITEM_COUNT_CLIENTS: self.clients,
+            records.ITEM_COUNT_FAILURES: self.failures,
+            "noise_per_client": noise,
+            "noise_std_of_sum": noise * math.sqrt(self.clients),
+            "total": float(self.counts.sum()),
+        }
+
+
+def query_item_counts(grid: Grid, catalogue_digest: str, num_items: int, timeout: float) -> ItemCounts:
+    """Send a ``query`` message to every connected node; sum the counts they return."""
+    node_ids = list(grid.get_node_ids())
+    messages = [
+        Message(
+            content=RecordDict({records.CONFIG: ConfigRecord({records.CATALOGUE_DIGEST: catalogue_digest})}),
+            dst_node_id=node_id,
+            message_type=MessageType.QUERY,
+        )
+        for node_id in node_ids
+    ]
+    log.info("Asking %d clients for their noised item counts ...", len(messages))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    total = np.zeros(num_items, dtype=np.float64)
+    clients = 0
+    for reply in replies:
+        if reply.has_error():
+            log.warning("node %s sent no item counts: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        counts = reply.content[records.ARRAYS][records.ITEM_COUNTS].numpy()
+        if counts.shape != (num_items,) or not np.all(np.isfinite(counts)):
+            log.warning("node %s sent invalid item counts (shape %s)", reply.metadata.src_node_id, counts.shape)
+            continue
+        total += counts
+        clients += 1
+    return ItemCounts(total, clients, len(node_ids) - clients)
+
+
+def run_item_counts(
+    grid: Grid, config: FedRecConfig, catalogue_digest: str, num_items: int, out_dir: Path, timeout: float
+) -> tuple[np.ndarray, dict[str, float] | None]:
+    """The run's counts: those saved in ``out_dir`` when resuming (clients release once
+    per run), else a fresh query, saved. Returns them and the query's summary (None
+    when reused)."""
+    if config.federation.resume:
+        saved = load_item_counts(out_dir, num_items)
+        if saved is not None:
+            log.info("Reusing the item counts of %s", out_dir)
+            return saved, None
+    found = query_item_counts(grid, catalogue_digest, num_items, timeout)
+    if found.clients == 0:
+        raise RuntimeError("no client returned item counts; popularity.weight > 0 needs them")
+    save_item_counts(out_dir, found.counts)
+    summary = found.summary(config.popularity.noise)
+    log.info(
+        "Item counts from %d clients (%d failed), noise std of the sum %.1f",
+        found.clients,
+        found.failures,
+        summary["noise_std_of_sum"],
+    )
+    return found.counts, summary
