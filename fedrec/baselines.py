@@ -8,6 +8,8 @@
   interacted with. The epoch with the best validation NDCG@10 (sampled) is
   kept and scored on the test split.
 
+* ``ease`` and ``item-knn``: item-to-item models (:mod:`fedrec.item_item_baselines`).
+
 ``fedrec baselines`` runs them and writes ``OUT/baselines.json``.
 """
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from fedrec.evaluation import Scorer, evaluate_scorer, popularity_scorer
+from fedrec.item_item_baselines import run_item_item_baselines
 from fedrec.prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,7 @@ def train_bpr_mf(
 
 
 def run_baselines(prepared: PreparedData, settings: BprSettings, out_dir: Path, k: int = 10) -> dict:
-    """Popularity and BPR-MF on the test split; written to ``out_dir/baselines.json``."""
+    """Popularity, BPR-MF, EASE and item-kNN on the test split; written to ``out_dir/baselines.json``."""
     model, history = train_bpr_mf(prepared, settings, k)
     best_epoch = max(history, key=lambda h: h[f"valid_ndcg@{k}"])["epoch"]
     results = {
@@ -120,6 +123,7 @@ def run_baselines(prepared: PreparedData, settings: BprSettings, out_dir: Path, 
             "test": evaluate_scorer(model.scorer(), prepared, "test", k, beyond=True),
             "epochs": history,
         },
+        **run_item_item_baselines(prepared, k),
     }
     if prepared.has_cold_test:  # items held out of training (eval.cold-items)
         results["popularity"]["cold"] = evaluate_scorer(popularity_scorer(prepared), prepared, "cold", k)

@@ -91,7 +91,8 @@ def _baselines(args: argparse.Namespace) -> int:
     out = Path(config.federation.out_dir).expanduser()
     results = run_baselines(prepare(config.data, config.eval), settings, out, config.eval.k)
     k = config.eval.k
-    for name, metrics in (("popularity", results["popularity"]), ("bpr-mf", results["bpr-mf"]["test"])):
+    tested = {"popularity": results["popularity"], **{n: results[n]["test"] for n in ("bpr-mf", "ease", "item-knn")}}
+    for name, metrics in tested.items():
         print(f"{name:>10}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in (f"hr@{k}", f"ndcg@{k}", f"hr@{k}_full", f"ndcg@{k}_full", f"coverage@{k}")))
     print(f"results: {out / 'baselines.json'}")
     return 0
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--steps", type=int, default=200, help="optimizer steps")
     central.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     central.set_defaults(func=_centralized)
-    baselines = sub.add_parser("baselines", help="popularity and BPR-MF (ID-based, central) by the same evaluation")
+    baselines = sub.add_parser("baselines", help="popularity, BPR-MF, EASE and item-kNN (central, no privacy) by the same evaluation")
     common(baselines)
     baselines.add_argument("--epochs", type=int, default=30, help="BPR-MF epochs; the best on validation is kept (default: %(default)s)")
     baselines.add_argument("--dim", type=int, default=64, help="BPR-MF embedding size (default: %(default)s)")

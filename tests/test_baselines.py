@@ -1,11 +1,21 @@
-"""The BPR-MF baseline: sound negatives, learns the toy data's tastes, same evaluation."""
+"""The central baselines: BPR-MF (sound negatives, learns the toy data's tastes),
+EASE and item-kNN (exact weights, settings chosen on validation)."""
 
 import json
 
 import numpy as np
+import torch
 
 from fedrec.baselines import BprSettings, _negatives, train_bpr_mf
 from fedrec.cli import main
+from fedrec.evaluation import evaluate_scorer, popularity_scorer
+from fedrec.item_item_baselines import (
+    cosine_similarity,
+    ease_weights,
+    interaction_matrix,
+    item_item_scorer,
+    run_item_item_baselines,
+)
 
 
 def test_negatives_are_never_items_the_user_has():
@@ -40,4 +50,44 @@ def test_cli_writes_baselines_json(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "baselines.json").read_text())
     assert results["bpr-mf"]["best_epoch"] in (1, 2, 3) and len(results["bpr-mf"]["epochs"]) == 3
     assert {"hr@10", "hr@10_full", "coverage@10"} <= set(results["popularity"])
-    assert "bpr-mf:" in capsys.readouterr().out
+    assert results["ease"]["l2"] > 0 and "hr@10_full" in results["item-knn"]["test"]
+    printed = capsys.readouterr().out
+    assert "bpr-mf:" in printed and "ease:" in printed and "item-knn:" in printed
+
+
+def test_ease_weights_solve_the_constrained_least_squares():
+    rng = np.random.default_rng(0)
+    histories = [rng.choice(12, size=rng.integers(2, 7), replace=False) for _ in range(30)]
+    matrix = interaction_matrix(histories, 12)
+    weights = ease_weights(matrix, 5.0).double()
+    gram = torch.from_numpy((matrix.T @ matrix).toarray())
+    assert torch.all(torch.diag(weights) == 0)
+    # stationarity of ||X - XW||^2 + l2 ||W||^2 with diag(W) = 0: the gradient
+    # (G + l2 I) W - G vanishes off the diagonal (the diagonal holds the multipliers)
+    gradient = (gram + 5.0 * torch.eye(12, dtype=gram.dtype)) @ weights - gram
+    off = gradient - torch.diag(torch.diag(gradient))
+    assert off.abs().max() < 1e-9 and torch.diag(gradient).abs().min() > 1e-3
+
+
+def test_item_knn_sums_cosine_similarity_to_the_last_items():
+    histories = [np.array([0, 1, 2]), np.array([1, 2]), np.array([2, 3]), np.array([0, 3, 1])]
+    similarity = cosine_similarity(interaction_matrix(histories, 4))
+    columns = interaction_matrix(histories, 4).toarray()
+    expected = columns.T @ columns / np.sqrt(np.outer(columns.sum(0), columns.sum(0)))
+    np.fill_diagonal(expected, 0)
+    np.testing.assert_allclose(similarity.numpy(), expected)
+    scores = item_item_scorer(histories, similarity, last=1)(np.array([0, 3]))
+    np.testing.assert_allclose(scores, expected[[2, 1]], rtol=1e-6)  # each user's last item's row
+    everything = item_item_scorer(histories, similarity)(np.array([0]))
+    np.testing.assert_allclose(everything[0], expected[[0, 1, 2]].sum(0), rtol=1e-6)
+
+
+def test_item_item_baselines_pick_settings_on_validation_and_learn_the_toy_tastes(toy_prepared):
+    _, prepared = toy_prepared
+    results = run_item_item_baselines(prepared, k=5)
+    popularity = evaluate_scorer(popularity_scorer(prepared), prepared, "test", 5)
+    for name, key in (("ease", "l2"), ("item-knn", "last_items")):
+        tried = results[name]["validation"]
+        best = max(tried, key=lambda t: t["valid_ndcg@5"])
+        assert results[name][key] == best["setting"] and len(tried) > 1
+        assert results[name]["test"]["hr@5"] > popularity["hr@5"]  # users like odd or even items
