@@ -31,6 +31,8 @@ class ItemCounts:
     """Clients whose counts are in the sum."""
     failures: int
     """Clients that replied with an error (e.g. a spent budget) or not at all."""
+    first_error: str = ""
+    """The reason of the first error reply, if any."""
 
     def summary(self, noise: float) -> dict[str, float]:
         """What metrics.json records of the query."""
@@ -57,10 +59,11 @@ def query_item_counts(grid: Grid, catalogue_digest: str, num_items: int, timeout
     log.info("Asking %d clients for their noised item counts ...", len(messages))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     total = np.zeros(num_items, dtype=np.float64)
-    clients = 0
+    clients, first_error = 0, ""
     for reply in replies:
         if reply.has_error():
             log.warning("node %s sent no item counts: %s", reply.metadata.src_node_id, reply.error.reason)
+            first_error = first_error or reply.error.reason
             continue
         counts = reply.content[records.ARRAYS][records.ITEM_COUNTS].numpy()
         if counts.shape != (num_items,) or not np.all(np.isfinite(counts)):
@@ -68,7 +71,7 @@ def query_item_counts(grid: Grid, catalogue_digest: str, num_items: int, timeout
             continue
         total += counts
         clients += 1
-    return ItemCounts(total, clients, len(node_ids) - clients)
+    return ItemCounts(total, clients, len(node_ids) - clients, first_error)
 
 
 def run_item_counts(
@@ -84,7 +87,12 @@ def run_item_counts(
             return saved, None
     found = query_item_counts(grid, catalogue_digest, num_items, timeout)
     if found.clients == 0:
-        raise RuntimeError("no client returned item counts; popularity.weight > 0 needs them")
+        raise RuntimeError(
+            f"no client returned item counts (first reply: {found.first_error or 'none'}); "
+            "popularity.weight > 0 needs them. If the budget refused them, the release "
+            f"(popularity.noise={config.popularity.noise}) costs more than dp.target-epsilon="
+            f"{config.dp.target_epsilon} allows: raise popularity.noise or set popularity.weight=0"
+        )
     save_item_counts(out_dir, found.counts)
     summary = found.summary(config.popularity.noise)
     log.info(

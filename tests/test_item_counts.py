@@ -137,3 +137,56 @@ def test_client_reply_is_noised_and_its_release_is_accounted(tmp_path, task_iden
     refused, _ = _ask(tight, prepared)
     assert refused.has_error() and refused.error.code == records.BUDGET_EXHAUSTED
     assert math.isfinite(metrics[records.EPSILON])
+
+
+class InProcessGrid:
+    """A Grid whose nodes are the ClientApp's ``query`` handler called in this process."""
+
+    def __init__(self, run_config, num_nodes):
+        self.contexts = {
+            node: Context(
+                run_id=7,
+                node_id=node,
+                node_config={"partition-id": node, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node in range(num_nodes)
+        }
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [query(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+def test_server_sums_every_clients_counts_saves_them_and_reuses_them_on_resume(tmp_path, task_identity):
+    from server.item_counts import run_item_counts
+
+    run_config = toy_run_config(tmp_path, **{"popularity.weight": 0.05, "dp.enabled": True, "dp.target-epsilon": 8.0})
+    config = load_config(run_config)
+    prepared = prepare(config.data, config.eval)
+    n = prepared.num_users
+    exact = sum(
+        local_item_counts(load_client_data(config, prepared, p, n).sequences, prepared.num_items) for p in range(n)
+    )
+    out = tmp_path / "out"
+    counts, summary = run_item_counts(InProcessGrid(run_config, n), config, prepared.catalogue_digest, prepared.num_items, out, 10.0)
+    assert summary["clients"] == n and summary["failures"] == 0
+    assert summary["noise_std_of_sum"] == pytest.approx(2.0 * math.sqrt(n))
+    assert np.all(np.abs(counts - exact) < 6 * summary["noise_std_of_sum"])  # each count: exact + N(0, 4 n)
+    assert abs((counts - exact).std() - summary["noise_std_of_sum"]) < 0.5 * summary["noise_std_of_sum"]
+    np.testing.assert_array_equal(load_item_counts(out, prepared.num_items), counts)
+
+    class Unreachable:
+        def get_node_ids(self):
+            raise AssertionError("a resumed run must not ask again")
+
+    resumed = load_config({**run_config, "resume": True})
+    again, none = run_item_counts(Unreachable(), resumed, prepared.catalogue_digest, prepared.num_items, out, 10.0)
+    assert none is None and np.array_equal(again, counts)
+
+    tight = {**run_config, "dp.target-epsilon": 0.3}  # the release alone costs more
+    with pytest.raises(RuntimeError, match=r"privacy budget exhausted.*raise popularity.noise"):
+        run_item_counts(InProcessGrid(tight, n), load_config(tight), prepared.catalogue_digest, prepared.num_items, tmp_path / "o2", 10.0)
