@@ -391,6 +391,12 @@ class FedRecConfig:
             "cannot be used with dp.enabled: an example's loss would depend on the other "
             "examples of its batch, which per-example clipping does not bound",
         )
+        _check(
+            not (self.popularity.enabled and self.user_dp.enabled),
+            "popularity.weight",
+            "cannot be used with user-level DP (user-dp.mode): each device's count noise is "
+            "calibrated to one training example, not to a whole user",
+        )
         if self.federation.server_optimizer != "fedavg":
             # Both need the plain weighted mean: SecAgg+ runs Flower's legacy FedAvg, and
             # user-level DP noise is calibrated on the mean, not on a server optimizer's step.

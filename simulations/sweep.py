@@ -452,6 +452,9 @@ def run_sweep(
     clash = [k for k in CONTROLLED if k in overrides]
     if clash:
         raise SweepError(f"--run-config: {', '.join(clash)} set by the sweep itself; remove them")
+    # The sweep measures what DP training buys at each ε; the popularity prior (on in
+    # the default preset) is a release of its own that small budgets cannot afford.
+    overrides.setdefault("popularity.weight", 0.0)
     user_mode = str(overrides.pop("user-dp.mode", "off"))
     user_mode = DEFAULT_USER_MODE if user_mode == "off" else user_mode
     out_dir = Path(out_dir)

@@ -8,7 +8,7 @@ import pytest
 
 from fedrec import records
 from fedrec.cli import main
-from fedrec.config import to_run_config
+from fedrec.config import ConfigError, load_config, to_run_config
 from fedrec.privacy.config import UserLevelDPConfig
 from fedrec.privacy.user_level import user_level_epsilon
 from simulations.runner import SimulationError, resolve_settings
@@ -253,3 +253,22 @@ def test_plot_with_only_infinity_or_without_it(tmp_path, epsilons):
 def test_cli_reports_a_bad_argument(capsys):
     assert main(["sweep", "--epsilons", "1,lots"]) == 2
     assert "--epsilons: 'lots'" in capsys.readouterr().err
+
+
+def test_the_popularity_prior_is_off_in_cells_unless_asked_for(tmp_path, base):
+    """The default preset turns the prior on; a sweep of DP budgets turns it off
+    (ε = 1 cannot afford the release), unless --run-config sets it."""
+    fake = FakeSimulate()
+    grid = Grid((1.0,), ("record",), ("lora",), (0,))
+    run_sweep("default", tmp_path / "default", grid, base, simulate_fn=fake)
+    run_sweep("default", tmp_path / "asked", grid, {**base, "popularity.weight": 0.1}, simulate_fn=fake)
+    weight = {
+        name: json.loads((tmp_path / name / "cells" / "record-eps1-lora-seed0" / "metrics.json").read_text())[
+            "settings"
+        ]["popularity.weight"]
+        for name in ("default", "asked")
+    }
+    assert weight == {"default": 0.0, "asked": 0.1}
+    assert resolve_settings("default", base, None)[0].popularity.weight == 0.05  # the preset's own
+    with pytest.raises(ConfigError, match="popularity.weight.*user-level DP"):
+        load_config({"popularity.weight": 0.05, "user-dp.mode": "server-fixed"})
