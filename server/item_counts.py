@@ -78,10 +78,14 @@ def run_item_counts(
     grid: Grid, config: FedRecConfig, catalogue_digest: str, num_items: int, out_dir: Path, timeout: float
 ) -> tuple[np.ndarray, dict[str, float] | None]:
     """The run's counts: those saved in ``out_dir`` when resuming (clients release once
-    per run), else a fresh query, saved. Returns them and the query's summary (None
-    when reused)."""
+    per run) and the catalogue is the same, else a fresh query, saved. Returns them
+    and the query's summary (None when reused)."""
     if config.federation.resume:
-        saved = load_item_counts(out_dir, num_items)
+        try:
+            saved = load_item_counts(out_dir, num_items)
+        except ValueError as err:  # the catalogue grew (incremental learning): ask again
+            log.info("Not reusing the saved item counts: %s", err)
+            saved = None
         if saved is not None:
             log.info("Reusing the item counts of %s", out_dir)
             return saved, None
