@@ -24,11 +24,10 @@ from fedrec.deploy.device_data import (
     load_device_data,
 )
 from fedrec.deploy.device_state import save_last_round
-from fedrec.item_counts import local_item_counts, noised, release_entry
+from fedrec.item_counts import account_release, local_item_counts, noised
 from fedrec.local_round import evaluate_local, run_local_round
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
-from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
 from fedrec.privacy.budget import BudgetExhausted
 from fedrec.tokens import TokenTable
 
@@ -163,16 +162,14 @@ def query(msg: Message, context: Context) -> Message:
     metrics: dict[str, float] = {records.PARTITION_ID: data.partition_id}
     if config.dp.enabled:
         state = load_accountant(context, config, data.partition_id)
-        delta = delta_for(config.dp, max(1, int(counts.sum())))  # its training examples
-        noise, rate, steps = release_entry(config.popularity)
-        exceeds, after = would_exceed(state, config.dp, delta, noise, rate, steps)
-        if exceeds:
-            refusal = BudgetExhausted(epsilon(state, delta), after, config.dp.budget, delta)
+        try:  # the counts' sum is the number of training examples
+            state, metrics[records.EPSILON], metrics[records.DELTA] = account_release(
+                state, config, int(counts.sum())
+            )
+        except BudgetExhausted as refusal:
             log.warning("partition %d: %s", data.partition_id, refusal)
             return Message(Error(code=records.BUDGET_EXHAUSTED, reason=str(refusal)), reply_to=msg)
-        state = AccountantState(state.mechanism, [*state.history, (noise, rate, steps)], state.rounds)
         save_accountant(context, config, data.partition_id, state)
-        metrics.update({records.EPSILON: after, records.DELTA: delta})
     reply = noised(counts, config.popularity.noise)
     content = RecordDict(
         {

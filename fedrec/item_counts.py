@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from fedrec.config import FedRecConfig, PopularityConfig
-from fedrec.privacy.accounting import HistoryEntry
+from fedrec.privacy.accounting import AccountantState, HistoryEntry, delta_for
+from fedrec.privacy.budget import check_budget
 
 COUNTS_FILE = "item-counts.npy"
 
@@ -68,6 +69,20 @@ def release_entry(config: PopularityConfig) -> HistoryEntry:
     """The release as an Opacus accountant history entry: the Gaussian mechanism once,
     noise multiplier ``popularity.noise`` (sensitivity 1), no sampling."""
     return (float(config.noise), 1.0, 1)
+
+
+def account_release(
+    state: AccountantState, config: FedRecConfig, num_examples: int
+) -> tuple[AccountantState, float, float]:
+    """A DP client's accountant with the release added, its epsilon and delta.
+
+    Raises :class:`~fedrec.privacy.budget.BudgetExhausted` when the release would
+    take the client past its budget; ``num_examples`` sets delta as training does.
+    """
+    delta = delta_for(config.dp, max(1, num_examples))
+    entry = release_entry(config.popularity)
+    after = check_budget(state, config.dp, delta, *entry)
+    return AccountantState(state.mechanism, [*state.history, entry], state.rounds), after, delta
 
 
 def planned_releases(config: FedRecConfig) -> list[HistoryEntry]:

@@ -18,8 +18,8 @@ from fedrec.item_counts import planned_releases, popularity_prior
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import cached_item_states, cached_recommender, token_table
 from fedrec.prepare import PreparedData
-from fedrec.privacy.accounting import AccountantState, delta_for, epsilon, would_exceed
-from fedrec.privacy.budget import BudgetExhausted, noise_for, planned_steps
+from fedrec.privacy.accounting import AccountantState, delta_for, epsilon
+from fedrec.privacy.budget import check_budget, noise_for, planned_steps
 from fedrec.privacy.dp_sgd import (
     detach_private,
     make_private,
@@ -119,9 +119,7 @@ def _train_privately(
     noise = noise_for(
         dp, rate, steps, config.federation.num_server_rounds, delta, planned_releases(config)
     )
-    exceeds, after = would_exceed(state, dp, delta, noise, rate, steps)
-    if exceeds:
-        raise BudgetExhausted(epsilon(state, delta), after, dp.budget, delta)
+    check_budget(state, dp, delta, noise, rate, steps)
     private_model, private_optimizer, private_loader, engine = make_private(
         model, optimizer, loader, dp, noise, state
     )

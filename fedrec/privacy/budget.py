@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedrec.config import TrainConfig
-from fedrec.privacy.accounting import HistoryEntry, plan_noise_multiplier
+from fedrec.privacy.accounting import (
+    AccountantState,
+    HistoryEntry,
+    epsilon,
+    plan_noise_multiplier,
+    would_exceed,
+)
 from fedrec.privacy.config import PrivacyConfig
 
 
@@ -55,3 +61,19 @@ def noise_for(
     if config.target_epsilon > 0:
         return plan_noise_multiplier(config, sample_rate, steps_per_round, rounds, delta, spent)
     return config.noise_multiplier
+
+
+def check_budget(
+    state: AccountantState,
+    config: PrivacyConfig,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+) -> float:
+    """The epsilon after ``steps`` more steps; raises :class:`BudgetExhausted` instead
+    when they would take the client past its budget (``state`` is not changed)."""
+    exceeds, after = would_exceed(state, config, delta, noise_multiplier, sample_rate, steps)
+    if exceeds:
+        raise BudgetExhausted(epsilon(state, delta), after, config.budget, delta)
+    return after
