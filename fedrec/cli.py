@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.set_defaults(func=_recommend)
     evaluate = sub.add_parser("evaluate", help="evaluate a run's checkpoint again, e.g. with personal vectors")
     evaluate.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
-    evaluate.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
+    evaluate.add_argument(
+        "--round", type=int, help="checkpoint round (default: the newest; 0: the pretrained model, no adapters)"
+    )
     evaluate.add_argument("--split", choices=("test", "valid"), default="test", help="held-out items (default: %(default)s)")
     evaluate.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.enabled=true personal.l2=3"')
     evaluate.add_argument("--out", help="JSON file (default: RUN/evaluations/round-NNNN-SPLIT[_overrides].json)")

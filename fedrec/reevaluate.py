@@ -31,6 +31,10 @@ def evaluate_run(
 ) -> dict:
     """Metrics of a run's checkpoint on ``split`` (test or valid), written as JSON.
 
+    ``server_round=0`` evaluates the pretrained model before any round (no
+    adapters loaded) with the run's settings, its item counts and ``overrides``:
+    what training added is the difference to a later round.
+
     ``out`` defaults to ``RUN/evaluations/round-NNNN-SPLIT[_KEY=VALUE...].json``
     (one file per set of overrides); the file records the overrides too.
     """
@@ -40,9 +44,10 @@ def evaluate_run(
     overrides = dict(overrides or {})
     config = evaluation_config(run_dir, overrides)
     configure_threads(config.runtime)
-    server_round, folder = find_checkpoint(run_dir, server_round)
     model = GlobalModel(config, prepare(config.data, config.eval))
-    load_saved_adapter(model.model.encoder, folder)
+    if server_round != 0:  # round 0: the adapters as initialised, i.e. the pretrained model
+        server_round, folder = find_checkpoint(run_dir, server_round)
+        load_saved_adapter(model.model.encoder, folder)
     model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
     result = {
         "run": str(run_dir),
