@@ -234,7 +234,7 @@ def test_fedrec_evaluate_scores_a_checkpoint_again_and_writes_json(run_dir, refe
 
 def test_fedrec_evaluate_round_zero_is_the_pretrained_model(run_dir, reference, tmp_path):
     """--round 0 ranks with no adapters: the base model, not the newest checkpoint."""
-    config, prepared, _, table = reference
+    config, prepared, round3_model, table = reference
     out = tmp_path / "round0.json"
     assert main(["evaluate", "--model", str(run_dir), "--round", "0", "--split", "valid", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
@@ -245,7 +245,7 @@ def test_fedrec_evaluate_round_zero_is_the_pretrained_model(run_dir, reference, 
     expected = evaluate_scorer(scorer, prepared, "valid", config.eval.k, beyond=True)
     for name in ("hr@10", "ndcg@10", "hr@10_full", "coverage@10"):
         assert written["metrics"][name] == pytest.approx(expected[name], abs=1e-6), name
-    round3 = model_scorer(reference[2], table, histories, config.model.history_items, config.model.max_user_tokens, torch.device("cpu"))
+    round3 = model_scorer(round3_model, table, histories, config.model.history_items, config.model.max_user_tokens, torch.device("cpu"))
     trained = evaluate_scorer(round3, prepared, "valid", config.eval.k, beyond=True)
     assert any(trained[name] != written["metrics"][name] for name in ("ndcg@10", "ndcg@10_full", "mrr_full"))
 
