@@ -128,12 +128,18 @@ class ModelConfig:
     trained, sent and averaged with the adapters) to the item's text embedding, and
     the mean of the history items' vectors to the user's. Uploads grow by
     items x hidden floats; items added after training are scored from text alone."""
+    item_id_rank: int = 0
+    """With ``item-ids``: 0, a full [items, hidden] table; r > 0, low-rank vectors (an
+    [items, r] table times a shared [hidden, r] projection), uploading items x r +
+    hidden x r floats and concentrating DP-SGD's clipped gradients on fewer coordinates."""
 
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
         _check(self.max_user_tokens >= 4, "model.max-user-tokens", "must be >= 4")
         _check(self.history_items >= 1, "model.history-items", "must be >= 1")
         _check(self.temperature > 0, "model.temperature", "must be > 0")
+        _check(self.item_id_rank >= 0, "model.item-id-rank", "must be >= 0 (0: a full table)")
+        _check(self.item_ids or not self.item_id_rank, "model.item-id-rank", "needs model.item-ids = true")
 
 
 @dataclass(frozen=True)

@@ -167,10 +167,11 @@ def main(grid: Grid, context: Context) -> None:
         record.write(out_dir)
         tensorboard.log_round(values)
         log.info(
-            "round %d/%d  loss %.4f  %s%s  (%.1fs)",
+            "round %d/%d  loss %s  %s%s  (%.1fs)",
             current,
             total,
-            values.get(records.TRAIN_LOSS, float("nan")),
+            # DP clients withhold their loss (a function of their examples)
+            f"{values[records.TRAIN_LOSS]:.4f}" if records.TRAIN_LOSS in values else "withheld",
             "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY_METRICS),
             "".join(
                 f"  {k} {values[k]:.4f}"

@@ -9,6 +9,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from fedrec.client_data import load_client_data
 from fedrec.config import TrainConfig, load_config
+from fedrec.errors import ConfigError
 from fedrec.global_model import GlobalModel
 from fedrec.local_round import run_local_round
 from fedrec.model.adapters import (
@@ -145,3 +146,70 @@ def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, p
     server.set_adapters(out.adapters)  # the server's own validation accepts it
     metrics = server.evaluate("test")
     assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
+
+
+LOW_RANK = dataclasses.replace(WITH_IDS, item_id_rank=3)
+PROJECTION_KEY = "base_model.model.item_identity.projection.weight"
+
+
+def low_rank_model():
+    return build_recommender(LOW_RANK, LORA, num_items=12)
+
+
+def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthonormal_projection(table, sequences):
+    batch = default_collate(fixed_examples(table, sequences, 4))
+    text_only, low_rank = prepare(build_recommender(TINY, LORA)), prepare(low_rank_model())
+    torch.testing.assert_close(
+        low_rank(*(batch[k] for k in ID_KEYS)).detach(), text_only(*(batch[k] for k in ID_KEYS[:4])).detach()
+    )
+    state, other = adapter_state(low_rank.encoder), adapter_state(low_rank_model().encoder)
+    assert state[TABLE_KEY].shape == (12, 3) and state[TABLE_KEY].abs().max() == 0
+    projection = state[PROJECTION_KEY]
+    assert projection.shape == (32, 3)
+    torch.testing.assert_close(projection, other[PROJECTION_KEY], rtol=0, atol=0)
+    torch.testing.assert_close(projection.T @ projection, torch.eye(3))
+    rows = torch.randn(12, 3, generator=torch.Generator().manual_seed(3))
+    state[TABLE_KEY] = rows
+    load_adapter_state(low_rank.encoder, state)
+    vectors = low_rank.item_identity(torch.arange(12)).detach()
+    torch.testing.assert_close(vectors, rows @ projection.T)
+    torch.testing.assert_close(vectors.norm(dim=1), rows.norm(dim=1))
+
+
+def test_low_rank_per_sample_gradients_of_table_and_projection_are_exact(table, sequences):
+    model = prepare(low_rank_model())
+    state = adapter_state(model.encoder)
+    state[TABLE_KEY] = 0.3 * torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
+    load_adapter_state(model.encoder, state)
+    batch = default_collate(fixed_examples(table, sequences, 5))
+    expected = per_example_gradients(model, batch, ID_KEYS)
+    actual = opacus_gradients(model, batch, "sum", ID_KEYS)
+    identity = [n for n in expected if "item_identity" in n]
+    assert set(actual) == set(expected) and len(identity) == 2  # the table and the projection
+    assert all(expected[n].abs().max() > 1e-4 for n in identity)
+    for key, want in expected.items():
+        assert (actual[key] - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), key
+
+
+def test_a_private_client_round_trains_and_uploads_only_the_low_rank_factors(tmp_path):
+    settings = toy_run_config(
+        tmp_path, **{"model.item-ids": True, "model.item-id-rank": 4, "train.id-lr": 0.01, "dp.enabled": True}
+    )
+    config = load_config(settings)
+    prepared = prepare_data(config.data, config.eval)
+    server = GlobalModel(config, prepared)
+    start = server.adapters()
+    assert start[TABLE_KEY].shape == (prepared.num_items, 4) and start[PROJECTION_KEY].shape == (32, 4)
+    out = run_local_round(config, load_client_data(config, prepared, 0, 24), token_table(prepared, config.model), start, 1)
+    assert out.adapters[TABLE_KEY].abs().max() > 0 and out.privacy is not None
+    server.set_adapters(out.adapters)
+    assert 0.0 <= server.evaluate("test")["hr@10"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"model.item-id-rank": 4}, "needs model.item-ids"), ({"model.item-ids": True, "model.item-id-rank": -1}, ">= 0")],
+)
+def test_an_item_id_rank_without_identities_or_below_zero_is_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(toy_run_config(tmp_path, **overrides))

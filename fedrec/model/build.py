@@ -39,7 +39,7 @@ def build_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0
     if model.item_ids:
         if num_items < 1:
             raise ValueError("model.item-ids needs the catalogue size: pass num_items")
-        attach_item_identity(encoder, num_items)
+        attach_item_identity(encoder, num_items, model.item_id_rank)
     return TwoTowerRecommender(add_lora(encoder, lora), temperature=model.temperature)
 
 

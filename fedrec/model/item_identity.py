@@ -15,7 +15,15 @@ negative) keeps the zero vector: it is scored from its text alone. An item that
 is in the catalogue but has no interactions is still drawn as a negative, so
 its vector only learns to keep it away from users, as an ID model's would.
 
-The table is a PEFT ``modules_to_save`` module: it is trained, checkpointed,
+With ``model.item-id-rank`` r > 0 the vectors are low-rank, as LoRA factors a
+weight update: ``id[i] = P e[i]`` with a zero [items, r] table ``e`` and a shared
+[hidden, r] projection ``P`` with orthonormal columns (seeded, so every party
+starts from the same one), so a row's norm is its vector's. The upload shrinks
+from items x hidden to items x r + hidden x r floats, and under DP-SGD each
+example's clipped gradient falls on r coordinates per item instead of hidden, so
+the same noise drowns less of it.
+
+The module is a PEFT ``modules_to_save`` module: it is trained, checkpointed,
 sent and averaged together with the LoRA adapters.
 """
 
@@ -28,24 +36,40 @@ MODULE_NAME = "item_identity"
 """Attribute of the base encoder that holds the table (PEFT ``modules_to_save``)."""
 
 
-class ItemIdentity(nn.Module):
-    """An [items, dim] embedding table, zero at the start."""
+PROJECTION_SEED = 0
+"""Seed of the low-rank projection's initial value, the same for every party."""
 
-    def __init__(self, num_items: int, dim: int) -> None:
+
+class ItemIdentity(nn.Module):
+    """Identity vectors of width ``dim``, zero at the start: an [items, dim] table,
+    or with ``rank`` > 0 an [items, rank] table times a [dim, rank] projection."""
+
+    def __init__(self, num_items: int, dim: int, rank: int = 0) -> None:
         super().__init__()
         if num_items < 1:
             raise ValueError("model.item-ids needs the catalogue size (num_items >= 1)")
-        self.table = nn.Embedding(num_items, dim)
+        if not 0 <= rank <= dim:
+            raise ValueError(f"model.item-id-rank must be between 0 and the width {dim}, got {rank}")
+        self.table = nn.Embedding(num_items, rank or dim)
         nn.init.zeros_(self.table.weight)
+        self.projection: nn.Linear | None = None
+        if rank:
+            self.projection = nn.Linear(rank, dim, bias=False)
+            generator = torch.Generator().manual_seed(PROJECTION_SEED)
+            with torch.no_grad():
+                basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=generator))
+                self.projection.weight.copy_(basis)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Identity vectors of catalogue indices, shape ``[*items.shape, dim]``."""
-        return self.table(items)
+        rows = self.table(items)
+        return rows if self.projection is None else self.projection(rows)
 
 
-def attach_item_identity(encoder: nn.Module, num_items: int) -> None:
-    """Give the (not yet PEFT-wrapped) encoder a zero identity table of its width."""
-    encoder.add_module(MODULE_NAME, ItemIdentity(num_items, encoder.config.hidden_size))
+def attach_item_identity(encoder: nn.Module, num_items: int, rank: int = 0) -> None:
+    """Give the (not yet PEFT-wrapped) encoder zero identity vectors of its width
+    (``rank`` > 0: low-rank, see the module docstring)."""
+    encoder.add_module(MODULE_NAME, ItemIdentity(num_items, encoder.config.hidden_size, rank))
 
 
 def find_item_identity(encoder: nn.Module) -> nn.Module | None:
