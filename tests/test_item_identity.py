@@ -34,6 +34,8 @@ from tests.privacy.test_per_sample_gradients import (
 WITH_IDS = dataclasses.replace(TINY, item_ids=True)
 ID_KEYS = ("user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask")
 TABLE_KEY = "base_model.model.item_identity.table.weight"
+LOW_RANK = dataclasses.replace(WITH_IDS, item_id_rank=3)
+PROJECTION_KEY = "base_model.model.item_identity.projection.weight"
 
 
 def identity_model():
@@ -118,11 +120,17 @@ def test_opacus_per_sample_gradients_of_the_table_are_exact(table, sequences, mo
         assert (actual[key] - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), key
 
 
-def test_the_table_travels_in_checkpoints_and_survives_merging_for_serving(tmp_path, table):
-    model = prepare(identity_model()).eval()
-    set_table(model, 0.3 * torch.randn(12, 32, generator=torch.Generator().manual_seed(2)))
+@pytest.mark.parametrize("rank", [0, 3])
+def test_the_table_travels_in_checkpoints_and_survives_merging_for_serving(tmp_path, table, rank):
+    settings = dataclasses.replace(WITH_IDS, item_id_rank=rank)
+    model = prepare(build_recommender(settings, LORA, num_items=12)).eval()
+    state, generator = adapter_state(model.encoder), torch.Generator().manual_seed(2)
+    state[TABLE_KEY] = 0.3 * torch.randn(12, rank or 32, generator=generator)
+    if rank:  # a trained projection, not the seeded one a fresh model starts from
+        state[PROJECTION_KEY] = torch.randn(32, rank, generator=generator)
+    load_adapter_state(model.encoder, state)
     save_adapter(model.encoder, tmp_path / "adapter")
-    fresh = identity_model()
+    fresh = build_recommender(settings, LORA, num_items=12)
     load_saved_adapter(fresh.encoder, tmp_path / "adapter")
     served = TwoTowerRecommender(fresh.encoder.merge_and_unload()).eval()
     ids = torch.from_numpy(table.item_ids.astype("int64"))
@@ -147,9 +155,6 @@ def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, p
     metrics = server.evaluate("test")
     assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
 
-
-LOW_RANK = dataclasses.replace(WITH_IDS, item_id_rank=3)
-PROJECTION_KEY = "base_model.model.item_identity.projection.weight"
 
 
 def low_rank_model():
