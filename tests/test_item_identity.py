@@ -107,15 +107,19 @@ def test_building_without_the_catalogue_size_is_refused():
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_opacus_per_sample_gradients_of_the_table_are_exact(table, sequences, mode):
-    model = prepare(identity_model())
-    set_table(model, 0.3 * torch.randn(12, 32, generator=torch.Generator().manual_seed(1)))
+@pytest.mark.parametrize(("settings", "identity_params"), [(WITH_IDS, 1), (LOW_RANK, 2)], ids=["full", "low-rank"])
+def test_opacus_per_sample_gradients_of_the_identities_are_exact(table, sequences, mode, settings, identity_params):
+    model = prepare(build_recommender(settings, LORA, num_items=12))
+    rows = settings.item_id_rank or 32
+    set_table(model, 0.3 * torch.randn(12, rows, generator=torch.Generator().manual_seed(1)))
     batch = default_collate(fixed_examples(table, sequences, 5))
     expected = per_example_gradients(model, batch, ID_KEYS)
     actual = opacus_gradients(model, batch, mode, ID_KEYS)
-    name = next(n for n in expected if "item_identity" in n)
-    assert set(actual) == set(expected) and len(actual) == 9  # 8 LoRA matrices and the table
-    assert expected[name].abs().max() > 1e-4
+    identity = [n for n in expected if "item_identity" in n]
+    # 8 LoRA matrices and the table (and the low-rank projection)
+    assert set(actual) == set(expected) and len(identity) == identity_params
+    assert len(actual) == 8 + identity_params
+    assert all(expected[n].abs().max() > 1e-4 for n in identity)
     for key, want in expected.items():
         assert (actual[key] - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), key
 
@@ -139,22 +143,28 @@ def test_the_table_travels_in_checkpoints_and_survives_merging_for_serving(tmp_p
     torch.testing.assert_close(served.embed_items(ids, mask, torch.arange(12)), want)
 
 
-@pytest.mark.parametrize("private", [False, True])
-def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, private):
-    settings = toy_run_config(tmp_path, **{"model.item-ids": True, "train.id-lr": 0.01, "dp.enabled": private})
+@pytest.mark.parametrize(("private", "rank"), [(False, 0), (True, 0), (True, 4)])
+def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, private, rank):
+    settings = toy_run_config(
+        tmp_path,
+        **{"model.item-ids": True, "model.item-id-rank": rank, "train.id-lr": 0.01, "dp.enabled": private},
+    )
     config = load_config(settings)
     prepared = prepare_data(config.data, config.eval)
     table = token_table(prepared, config.model)
     server = GlobalModel(config, prepared)
     start = server.adapters()
-    assert start[TABLE_KEY].shape == (prepared.num_items, 32)
+    assert start[TABLE_KEY].shape == (prepared.num_items, rank or 32)
+    if rank:  # only the low-rank factors travel, no items x hidden table
+        assert start[PROJECTION_KEY].shape == (32, rank)
+    else:
+        assert PROJECTION_KEY not in start
     out = run_local_round(config, load_client_data(config, prepared, 0, 24), table, start, server_round=1)
     assert out.adapters[TABLE_KEY].abs().max() > 0
     assert (out.privacy is not None) == private
     server.set_adapters(out.adapters)  # the server's own validation accepts it
     metrics = server.evaluate("test")
     assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
-
 
 
 def low_rank_model():
@@ -174,41 +184,10 @@ def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthono
     torch.testing.assert_close(projection, other[PROJECTION_KEY], rtol=0, atol=0)
     torch.testing.assert_close(projection.T @ projection, torch.eye(3))
     rows = torch.randn(12, 3, generator=torch.Generator().manual_seed(3))
-    state[TABLE_KEY] = rows
-    load_adapter_state(low_rank.encoder, state)
+    set_table(low_rank, rows)
     vectors = low_rank.item_identity(torch.arange(12)).detach()
     torch.testing.assert_close(vectors, rows @ projection.T)
     torch.testing.assert_close(vectors.norm(dim=1), rows.norm(dim=1))
-
-
-def test_low_rank_per_sample_gradients_of_table_and_projection_are_exact(table, sequences):
-    model = prepare(low_rank_model())
-    state = adapter_state(model.encoder)
-    state[TABLE_KEY] = 0.3 * torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
-    load_adapter_state(model.encoder, state)
-    batch = default_collate(fixed_examples(table, sequences, 5))
-    expected = per_example_gradients(model, batch, ID_KEYS)
-    actual = opacus_gradients(model, batch, "sum", ID_KEYS)
-    identity = [n for n in expected if "item_identity" in n]
-    assert set(actual) == set(expected) and len(identity) == 2  # the table and the projection
-    assert all(expected[n].abs().max() > 1e-4 for n in identity)
-    for key, want in expected.items():
-        assert (actual[key] - want).abs().max() <= 1e-6 * max(1.0, float(want.abs().max())), key
-
-
-def test_a_private_client_round_trains_and_uploads_only_the_low_rank_factors(tmp_path):
-    settings = toy_run_config(
-        tmp_path, **{"model.item-ids": True, "model.item-id-rank": 4, "train.id-lr": 0.01, "dp.enabled": True}
-    )
-    config = load_config(settings)
-    prepared = prepare_data(config.data, config.eval)
-    server = GlobalModel(config, prepared)
-    start = server.adapters()
-    assert start[TABLE_KEY].shape == (prepared.num_items, 4) and start[PROJECTION_KEY].shape == (32, 4)
-    out = run_local_round(config, load_client_data(config, prepared, 0, 24), token_table(prepared, config.model), start, 1)
-    assert out.adapters[TABLE_KEY].abs().max() > 0 and out.privacy is not None
-    server.set_adapters(out.adapters)
-    assert 0.0 <= server.evaluate("test")["hr@10"] <= 1.0
 
 
 @pytest.mark.parametrize(
