@@ -54,6 +54,17 @@ def test_cached_item_embeddings_equal_the_full_encoder(top_lora_model, table):
     assert not torch.allclose(cache.states, compute_item_states(model.encoder, table, 0).states)
 
 
+@pytest.mark.parametrize("first_layer", [0, 1, 2])
+def test_cached_states_equal_the_full_forwards_hidden_states(top_lora_model, table, first_layer):
+    """The cache runs only the layers below ``first_layer``; the states match BERT's own."""
+    model = top_lora_model.eval()
+    ids = torch.from_numpy(table.item_ids.astype("int64"))
+    mask = torch.from_numpy(table.item_mask.astype("int64"))
+    full = model.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    cache = compute_item_states(model.encoder, table, first_layer, batch_size=5)  # batches of 5, 5, 2
+    torch.testing.assert_close(cache.states, full[first_layer])
+
+
 def test_logits_and_gradients_are_unchanged_by_the_cache(top_lora_model, table, sequences):
     batch = default_collate(fixed_examples(table, sequences, 5))
     plain, cached = top_lora_model, with_cache(top_lora_model, table)

@@ -54,29 +54,35 @@ def _bert(encoder: nn.Module) -> nn.Module:
     return encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
 
 
+def _run_layers(bert: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
+    """``hidden`` [B, T, H] through ``layers`` of ``bert`` with padding ``mask`` [B, T]."""
+    attention = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in layers:
+        hidden = layer(hidden, attention)
+    return hidden
+
+
 @torch.no_grad()
 def compute_item_states(
     encoder: nn.Module, table: TokenTable, first_layer: int, batch_size: int = 256
 ) -> FrozenItemStates:
     """Every item's hidden states entering ``first_layer`` (evaluation mode, no dropout).
 
-    Uses the encoder's own forward with ``output_hidden_states``: entry ``L`` of
-    ``hidden_states`` is the input of layer ``L``, which only the frozen layers
-    below it have touched.
+    Runs the embeddings and the ``first_layer`` frozen layers below it only: the
+    layers above are never evaluated for the cache (with LoRA on layers 4 and 5
+    of six, a third of the encoder's work is saved).
     """
     was_training = encoder.training
     encoder.eval()
+    bert = _bert(encoder)
     device = next(encoder.parameters()).device
     ids = torch.from_numpy(table.item_ids.astype(np.int64))
     mask = torch.from_numpy(table.item_mask.astype(np.int64))
     chunks = []
     for start in range(0, len(ids), batch_size):
-        out = encoder(
-            input_ids=ids[start : start + batch_size].to(device),
-            attention_mask=mask[start : start + batch_size].to(device),
-            output_hidden_states=True,
-        )
-        chunks.append(out.hidden_states[first_layer])
+        batch_mask = mask[start : start + batch_size].to(device)
+        hidden = bert.embeddings(input_ids=ids[start : start + batch_size].to(device))
+        chunks.append(_run_layers(bert, hidden, batch_mask, bert.encoder.layer[:first_layer]))
     encoder.train(was_training)
     return FrozenItemStates(first_layer, torch.cat(chunks), mask.to(device))
 
@@ -90,7 +96,5 @@ def embed_cached_items(encoder: nn.Module, cache: FrozenItemStates, items: torch
     length = int(mask.sum(1).max().clamp(min=1))
     hidden, mask = cache.states[items, :length], mask[:, :length]
     bert = _bert(encoder)
-    attention = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
-    for layer in bert.encoder.layer[cache.first_layer :]:
-        hidden = layer(hidden, attention)
+    hidden = _run_layers(bert, hidden, mask, bert.encoder.layer[cache.first_layer :])
     return unit_mean_pool(hidden, mask)
