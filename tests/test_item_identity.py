@@ -19,6 +19,7 @@ from fedrec.model.adapters import (
     save_adapter,
 )
 from fedrec.model.build import build_recommender, token_table
+from fedrec.model.encoder import tiny_bert_config
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import prepare as prepare_data
 from fedrec.training import make_optimizer, train_local
@@ -36,10 +37,15 @@ ID_KEYS = ("user_ids", "user_mask", "item_ids", "item_mask", "items", "history",
 TABLE_KEY = "base_model.model.item_identity.table.weight"
 LOW_RANK = dataclasses.replace(WITH_IDS, item_id_rank=3)
 PROJECTION_KEY = "base_model.model.item_identity.projection.weight"
+HIDDEN = tiny_bert_config(vocab_size=1).hidden_size  # the tiny BERT's width: a full table's columns
 
 
 def identity_model():
     return build_recommender(WITH_IDS, LORA, num_items=12)
+
+
+def low_rank_model():
+    return build_recommender(LOW_RANK, LORA, num_items=12)
 
 
 def table_of(model):
@@ -70,8 +76,8 @@ def test_an_identity_vector_moves_its_item_and_the_users_who_have_it(table, sequ
     before_items = model.embed_items(ids, mask, items).detach()
     users = (batch[k] for k in ("user_ids", "user_mask", "history", "history_mask"))
     before_users = model.embed_users(*users).detach()
-    values = torch.zeros(12, 32)
-    values[3] = 0.5 * torch.randn(32)
+    values = torch.zeros(12, HIDDEN)
+    values[3] = 0.5 * torch.randn(HIDDEN)
     set_table(model, values)
     after_items = model.embed_items(ids, mask, items).detach()
     changed = ~torch.isclose(after_items, before_items).all(dim=1)
@@ -110,7 +116,7 @@ def test_building_without_the_catalogue_size_is_refused():
 @pytest.mark.parametrize(("settings", "identity_params"), [(WITH_IDS, 1), (LOW_RANK, 2)], ids=["full", "low-rank"])
 def test_opacus_per_sample_gradients_of_the_identities_are_exact(table, sequences, mode, settings, identity_params):
     model = prepare(build_recommender(settings, LORA, num_items=12))
-    rows = settings.item_id_rank or 32
+    rows = settings.item_id_rank or HIDDEN
     set_table(model, 0.3 * torch.randn(12, rows, generator=torch.Generator().manual_seed(1)))
     batch = default_collate(fixed_examples(table, sequences, 5))
     expected = per_example_gradients(model, batch, ID_KEYS)
@@ -129,9 +135,9 @@ def test_the_table_travels_in_checkpoints_and_survives_merging_for_serving(tmp_p
     settings = dataclasses.replace(WITH_IDS, item_id_rank=rank)
     model = prepare(build_recommender(settings, LORA, num_items=12)).eval()
     state, generator = adapter_state(model.encoder), torch.Generator().manual_seed(2)
-    state[TABLE_KEY] = 0.3 * torch.randn(12, rank or 32, generator=generator)
+    state[TABLE_KEY] = 0.3 * torch.randn(12, rank or HIDDEN, generator=generator)
     if rank:  # a trained projection, not the seeded one a fresh model starts from
-        state[PROJECTION_KEY] = torch.randn(32, rank, generator=generator)
+        state[PROJECTION_KEY] = torch.randn(HIDDEN, rank, generator=generator)
     load_adapter_state(model.encoder, state)
     save_adapter(model.encoder, tmp_path / "adapter")
     fresh = build_recommender(settings, LORA, num_items=12)
@@ -154,9 +160,9 @@ def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, p
     table = token_table(prepared, config.model)
     server = GlobalModel(config, prepared)
     start = server.adapters()
-    assert start[TABLE_KEY].shape == (prepared.num_items, rank or 32)
+    assert start[TABLE_KEY].shape == (prepared.num_items, rank or HIDDEN)
     if rank:  # only the low-rank factors travel, no items x hidden table
-        assert start[PROJECTION_KEY].shape == (32, rank)
+        assert start[PROJECTION_KEY].shape == (HIDDEN, rank)
     else:
         assert PROJECTION_KEY not in start
     out = run_local_round(config, load_client_data(config, prepared, 0, 24), table, start, server_round=1)
@@ -165,10 +171,6 @@ def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, p
     server.set_adapters(out.adapters)  # the server's own validation accepts it
     metrics = server.evaluate("test")
     assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
-
-
-def low_rank_model():
-    return build_recommender(LOW_RANK, LORA, num_items=12)
 
 
 def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthonormal_projection(table, sequences):
@@ -180,7 +182,7 @@ def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthono
     state, other = adapter_state(low_rank.encoder), adapter_state(low_rank_model().encoder)
     assert state[TABLE_KEY].shape == (12, 3) and state[TABLE_KEY].abs().max() == 0
     projection = state[PROJECTION_KEY]
-    assert projection.shape == (32, 3)
+    assert projection.shape == (HIDDEN, 3)
     torch.testing.assert_close(projection, other[PROJECTION_KEY], rtol=0, atol=0)
     torch.testing.assert_close(projection.T @ projection, torch.eye(3))
     rows = torch.randn(12, 3, generator=torch.Generator().manual_seed(3))
