@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.config import LoraSettings, ModelConfig
 from fedrec.model.build import build_recommender
@@ -87,6 +88,13 @@ def toy_run_config(folder, **overrides):
     }
     config.update(overrides)
     return config
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's ids; set them as a ServerApp would."""
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 @pytest.fixture()

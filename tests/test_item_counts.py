@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import create_accountant
 
 from clients.client_app import query
@@ -90,13 +89,6 @@ def test_scorer_adds_the_prior_to_every_users_scores(toy_prepared):
     np.testing.assert_allclose(
         model_scorer(*args, item_prior=prior)(users), model_scorer(*args)(users) + prior.numpy(), atol=1e-6
     )
-
-
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """Flower stamps messages with the running task's ids; set them as a ServerApp would."""
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _ask(run_config, prepared, context=None):

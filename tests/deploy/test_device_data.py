@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import train
 from fedrec import records
@@ -97,13 +96,6 @@ def test_a_different_catalogue_is_refused(exported):
     check_catalogue(catalogue, None, "c.csv")  # a server that sends none (SecAgg+ workflow)
     with pytest.raises(DeviceDataError, match="differs from the server's"):
         check_catalogue(catalogue, "0000000000000000", "c.csv")
-
-
-@pytest.fixture()
-def task_identity(monkeypatch):
-    """Flower stamps messages with the running task's ids; set them as a ServerApp would."""
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def _train_message(adapters, digest: str) -> Message:
