@@ -63,7 +63,9 @@ def _training_inputs(config: FedRecConfig, msg: Message, context: Context) -> tu
 def train(msg: Message, context: Context) -> Message:
     """Set the global adapters, train locally, reply with adapters and metrics.
 
-    Under DP-SGD the client's accountant continues from its earlier rounds, and a
+    With ``proximal-mu`` in the round's config (Flower's ``FedProx``, or
+    ``federation.proximal-mu`` with another server optimizer) the local loss
+    carries FedProx's proximal term. Under DP-SGD the client's accountant continues from its earlier rounds, and a
     client whose budget this round would exceed replies with an error
     (code ``records.BUDGET_EXHAUSTED``) instead of training. A device whose data
     cannot be trained on replies with ``records.DEVICE_DATA_INVALID`` and the reason.
@@ -76,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(code=records.DEVICE_DATA_INVALID, reason=str(err)), reply_to=msg)
     partition_id = data.partition_id
     server_round = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+    proximal_mu = float(msg.content[records.CONFIG].get(records.PROXIMAL_MU, 0.0))
     accountant = (
         load_accountant(context, config, partition_id) if config.dp.enabled else None
     )
@@ -87,6 +90,7 @@ def train(msg: Message, context: Context) -> Message:
             msg.content[records.ARRAYS].to_torch_state_dict(),
             server_round,
             accountant,
+            proximal_mu,
         )
     except BudgetExhausted as refusal:
         log.warning("partition %d: %s", partition_id, refusal)

@@ -289,7 +289,7 @@ class PopularityConfig:
         )
 
 
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedprox")
 
 
 @dataclass(frozen=True)
@@ -319,8 +319,14 @@ class FederationConfig:
     (0: Flower's default, one hour). A node that dies is noticed within ~60 s anyway."""
     server_optimizer: str = "fedavg"
     """How the server applies the clients' averaged update: ``fedavg`` (take it),
-    ``fedavgm`` (server learning rate and momentum, Hsu et al. 2019) or ``fedadam``
-    (per-coordinate adaptive steps, Reddi et al. 2021); Flower's own strategies."""
+    ``fedavgm`` (server learning rate and momentum, Hsu et al. 2019), ``fedadam``
+    (per-coordinate adaptive steps, Reddi et al. 2021) or ``fedprox`` (FedAvg that
+    sends clients ``proximal-mu``, Li et al. 2020); Flower's own strategies."""
+    proximal_mu: float = 0.0
+    """FedProx's mu: clients add ``mu / 2 * ||w - w_global||^2`` over their trained
+    parameters to the local loss (:mod:`fedrec.proximal`). Needed (> 0) by
+    ``server-optimizer=fedprox``; with ``fedavg``, ``fedavgm`` or ``fedadam`` the
+    ServerApp sends it too, for FedProx's client objective under that server step."""
     server_lr: float = 1.0
     """Server learning rate: FedAvgM's ``server_learning_rate``, FedAdam's ``eta``."""
     server_momentum: float = 0.9
@@ -342,6 +348,12 @@ class FederationConfig:
             f"'{self.server_optimizer}' is not one of {', '.join(SERVER_OPTIMIZERS)}",
         )
         _check(self.server_lr > 0, "server-lr", "must be > 0")
+        _check(self.proximal_mu >= 0, "proximal-mu", "must be >= 0 (0: no proximal term)")
+        _check(
+            self.server_optimizer != "fedprox" or self.proximal_mu > 0,
+            "proximal-mu",
+            "must be > 0 with server-optimizer=fedprox (0 makes it FedAvg)",
+        )
         _check(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
@@ -408,6 +420,11 @@ class FedRecConfig:
             # user-level DP noise is calibrated on the mean, not on a server optimizer's step.
             _check(not self.secagg.enabled, "server-optimizer", "must be fedavg with secagg.enabled")
             _check(not self.user_dp.enabled, "server-optimizer", "must be fedavg with user-level DP (user-dp.mode)")
+        _check(
+            not (self.federation.proximal_mu and self.secagg.enabled),
+            "proximal-mu",
+            "must be 0 with secagg.enabled: the SecAgg+ workflow does not send it to clients",
+        )
         if self.federation.wire_dtype != "float32":
             # SecAgg+ masks and server-side clipping work on the adapters themselves.
             _check(not self.secagg.enabled, "wire-dtype", "must be float32 with secagg.enabled")

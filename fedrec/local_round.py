@@ -67,13 +67,15 @@ def run_local_round(
     global_adapters: dict[str, torch.Tensor],
     server_round: int,
     accountant: AccountantState | None = None,
+    proximal_mu: float = 0.0,
 ) -> RoundOutput:
     """Train the received adapters on this client's examples for one round.
 
     With ``dp.enabled`` the round runs under DP-SGD and continues ``accountant``
     (the client's state from earlier rounds; None on its first). It raises
     :class:`~fedrec.privacy.budget.BudgetExhausted`, before training, when the
-    round would take the client past its budget.
+    round would take the client past its budget. ``proximal_mu``: FedProx's term
+    towards ``global_adapters`` (sent by the server; 0: none).
     """
     configure_threads(config.runtime)
     device = select_device(config.runtime)
@@ -94,10 +96,12 @@ def run_local_round(
     optimizer = make_optimizer(model, config.train)
     precision = autocast_dtype(config.runtime, device)
     if not config.dp.enabled:
-        result = train_local(model, loader, optimizer, config.train, device, precision)
+        result = train_local(model, loader, optimizer, config.train, device, precision, proximal_mu)
         return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
     state = accountant or AccountantState(config.dp.accountant)
-    result, report = _train_privately(config, model, loader, optimizer, state, device, precision)
+    result, report = _train_privately(
+        config, model, loader, optimizer, state, device, precision, proximal_mu
+    )
     return RoundOutput(adapter_state(model.encoder), result, len(examples), report)
 
 
@@ -109,6 +113,7 @@ def _train_privately(
     state: AccountantState,
     device: torch.device,
     precision: torch.dtype | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[TrainResult, PrivacyReport]:
     """The same training loop under DP-SGD, refused up front if over budget."""
     dp = config.dp
@@ -124,7 +129,9 @@ def _train_privately(
         model, optimizer, loader, dp, noise, state
     )
     try:
-        result = train_local(private_model, private_loader, private_optimizer, config.train, device, precision)
+        result = train_local(
+            private_model, private_loader, private_optimizer, config.train, device, precision, proximal_mu
+        )
     finally:
         detach_private(private_model)
     new_state = state_after(engine, state)

@@ -13,6 +13,7 @@ METRICS = "metrics"
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
 CATALOGUE_DIGEST = "catalogue-digest"  # fingerprint of the server's item catalogue
+PROXIMAL_MU = "proximal-mu"  # FedProx's mu: the key Flower's FedProx strategy sends
 
 # MetricRecord keys the clients send back.
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this key (unless user-level DP is on)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
+from fedrec.proximal import proximal_term
 
 BATCH_KEYS = ("user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask")
 """The model's inputs, in the order of its ``forward``."""
@@ -78,6 +79,7 @@ def train_local(
     config: TrainConfig,
     device: torch.device,
     precision: torch.dtype | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run ``local_epochs`` epochs (stopping after ``max_steps`` steps if set).
 
@@ -93,7 +95,22 @@ def train_local(
 
     ``precision`` (e.g. ``torch.bfloat16``, from :func:`fedrec.runtime.autocast_dtype`)
     runs the forward pass under autocast; weights and their updates stay float32.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term towards the parameters'
+    values on entry (:func:`fedrec.proximal.proximal_term`).
     """
+    with proximal_term(optimizer, proximal_mu):
+        return _train_steps(model, loader, optimizer, config, device, precision)
+
+
+def _train_steps(
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+    precision: torch.dtype | None,
+) -> TrainResult:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss, steps, examples = 0.0, 0, 0

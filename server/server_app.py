@@ -124,6 +124,7 @@ def main(grid: Grid, context: Context) -> None:
             config.federation.server_optimizer,
             config.federation.server_lr,
             config.federation.server_momentum,
+            proximal_mu=config.federation.proximal_mu,
             fraction_train=config.federation.fraction_train,
             fraction_evaluate=config.federation.fraction_evaluate,
             min_train_nodes=config.federation.min_train_nodes,
@@ -182,6 +183,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
+    # Devices check that they index the same catalogue before training.
+    train_config = ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest})
+    if config.federation.proximal_mu:  # FedProx's client objective under any server step
+        train_config[records.PROXIMAL_MU] = config.federation.proximal_mu
     if config.secagg.enabled:
         runner.start(
             grid=grid,
@@ -195,8 +200,7 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=ArrayRecord(model.adapters()),
             num_rounds=total - start_round,
             timeout=timeout,
-            # Devices check that they index the same catalogue before training.
-            train_config=ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest}),
+            train_config=train_config,
             evaluate_config=evaluate_config,
             evaluate_fn=evaluate_round,
         )

@@ -14,7 +14,8 @@
   and budget refusals, per round (:class:`server.privacy_report.EpsilonLedger`);
 * server optimizers: :class:`FedRecAvgM` and :class:`FedRecAdam` are the same
   strategy on top of Flower's ``FedAvgM`` and ``FedAdam``, which take a server
-  step from the validated weighted mean (``federation.server-optimizer``);
+  step from the validated weighted mean (``federation.server-optimizer``), and
+  :class:`FedRecProx` on top of Flower's ``FedProx``;
 * under user-level DP (:meth:`FedRecAvg.use_user_dp`, called by
   ``server.user_dp.wrap_strategy``), equal weights and a fixed denominator, so
   that the noise Flower's DP wrappers add matches one client's true influence.
@@ -29,7 +30,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedrec import records
@@ -234,8 +235,18 @@ class FedRecAdam(FedRecAvg, FedAdam):
     of the same size as frequent ones instead of being diluted by the mean."""
 
 
-def server_strategy(name: str, server_lr: float, server_momentum: float, **kwargs) -> FedRecAvg:
+class FedRecProx(FedRecAvg, FedProx):
+    """:class:`FedRecAvg` that sends clients FedProx's ``proximal-mu`` in every round's
+    train config (Flower's ``FedProx``, Li et al. 2020); the clients' proximal term
+    is :mod:`fedrec.proximal`, the server side is FedAvg."""
+
+
+def server_strategy(
+    name: str, server_lr: float, server_momentum: float, proximal_mu: float = 0.0, **kwargs
+) -> FedRecAvg:
     """The strategy of ``federation.server-optimizer`` with its server step settings."""
+    if name == "fedprox":
+        return FedRecProx(proximal_mu=proximal_mu, **kwargs)
     if name == "fedavg":
         return FedRecAvg(**kwargs)
     if name == "fedavgm":
