@@ -70,12 +70,19 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
 
 
 def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, capsys):
-    """The item-identity table travels, is averaged, stepped by FedAdam, checkpointed and served."""
+    """The item-identity table travels, is averaged, stepped by FedAdam, checkpointed and
+    served; the clients train with FedProx's proximal term, its mu sent in the train config."""
     from safetensors.torch import load_file
 
     overrides = toy_run_config(
         tmp_path,
-        **{"model.item-ids": True, "train.id-lr": 0.05, "server-optimizer": "fedadam", "server-lr": 0.01},
+        **{
+            "model.item-ids": True,
+            "train.id-lr": 0.05,
+            "server-optimizer": "fedadam",
+            "server-lr": 0.01,
+            "proximal-mu": 0.01,
+        },
     )
     results = simulate("smoke", overrides, stream=False)
     num_items = results["dataset"]["num_items"]
