@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
 
     With ``proximal-mu`` in the round's config (Flower's ``FedProx``, or
     ``federation.proximal-mu`` with another server optimizer) the local loss
-    carries FedProx's proximal term. Under DP-SGD the client's accountant continues from its earlier rounds, and a
+    carries FedProx's proximal term. Under DP-SGD the client's accountant
+    continues from its earlier rounds, and a
     client whose budget this round would exceed replies with an error
     (code ``records.BUDGET_EXHAUSTED``) instead of training. A device whose data
     cannot be trained on replies with ``records.DEVICE_DATA_INVALID`` and the reason.
