@@ -183,10 +183,6 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    # Devices check that they index the same catalogue before training.
-    train_config = ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest})
-    if config.federation.proximal_mu:  # FedProx's client objective under any server step
-        train_config[records.PROXIMAL_MU] = config.federation.proximal_mu
     if config.secagg.enabled:
         runner.start(
             grid=grid,
@@ -195,6 +191,10 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate_round,
         )
     else:
+        # Devices check that they index the same catalogue before training.
+        train_config = ConfigRecord({records.CATALOGUE_DIGEST: prepared.catalogue_digest})
+        if config.federation.proximal_mu:  # FedProx's client objective under any server step
+            train_config[records.PROXIMAL_MU] = config.federation.proximal_mu
         runner.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.adapters()),
