@@ -179,6 +179,9 @@ class LoraSettings:
         return [int(p) for p in parts] if parts else None
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training on each client."""
@@ -198,9 +201,23 @@ class TrainConfig:
     negatives and the other examples' positives and negatives) instead of its own
     negatives alone: many more negatives for the same encoder work. Not with DP-SGD,
     whose per-example gradients need each loss to depend on one example only."""
+    lr_schedule: str = "constant"
+    """How the learning rates change over the federated rounds: ``constant``, or
+    ``cosine`` / ``linear`` from ``train.lr`` (and ``train.id-lr``) in round 1 to
+    ``train.lr-final`` times them in the last round. Each client computes its
+    round's rate from the round number the server sends; ``fedrec centralized``
+    has no rounds and keeps the rate constant."""
+    lr_final: float = 0.1
+    """The last round's learning rates as a fraction of the first round's."""
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            "train.lr-schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}",
+        )
+        _check(0 < self.lr_final <= 1, "train.lr-final", "must be in (0, 1]")
         _check(self.max_steps >= 0, "train.max-steps", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")

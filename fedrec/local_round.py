@@ -28,7 +28,13 @@ from fedrec.privacy.dp_sgd import (
 )
 from fedrec.runtime import autocast, autocast_dtype, configure_threads, select_device
 from fedrec.tokens import TokenTable
-from fedrec.training import TrainResult, make_loader, make_optimizer, train_local
+from fedrec.training import (
+    TrainResult,
+    make_loader,
+    make_optimizer,
+    round_lr_scale,
+    train_local,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ def run_local_round(
     )
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)
-    optimizer = make_optimizer(model, config.train)
+    lr_scale = round_lr_scale(config.train, server_round, config.federation.num_server_rounds)
+    optimizer = make_optimizer(model, config.train, lr_scale)
     precision = autocast_dtype(config.runtime, device)
     if not config.dp.enabled:
         result = train_local(model, loader, optimizer, config.train, device, precision, proximal_mu)

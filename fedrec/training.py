@@ -6,6 +6,7 @@ runs, and returns the same three objects; the loop itself never forks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,18 +38,37 @@ def make_loader(dataset: NextItemDataset, batch_size: int, seed: int) -> DataLoa
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def round_lr_scale(config: TrainConfig, server_round: int, num_rounds: int) -> float:
+    """The factor on the learning rates in federated round ``server_round`` (1-based)
+    of ``num_rounds``, by ``train.lr-schedule``: 1 in round 1, ``train.lr-final`` in
+    the last round and after it (a resumed run that goes past its plan)."""
+    if config.lr_schedule == "constant" or num_rounds <= 1:
+        return 1.0
+    progress = min(max((server_round - 1) / (num_rounds - 1), 0.0), 1.0)
+    if config.lr_schedule == "linear":
+        shape = 1.0 - progress
+    elif config.lr_schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown train.lr-schedule {config.lr_schedule!r}")
+    return config.lr_final + (1.0 - config.lr_final) * shape
+
+
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters only: the adapters at ``train.lr`` and an
-    item-identity table at ``train.id-lr`` (when set)."""
+    item-identity table at ``train.id-lr`` (when set), both times ``lr_scale``
+    (:func:`round_lr_scale`)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
     identity = [p for n, p in trainable if ITEM_IDENTITY in n]
     groups = [{"params": [p for n, p in trainable if ITEM_IDENTITY not in n]}]
     if identity:
-        groups.append({"params": identity, "lr": config.id_lr or config.lr})
+        groups.append({"params": identity, "lr": (config.id_lr or config.lr) * lr_scale})
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
 
 
 def _batches(loader: Iterable[dict[str, torch.Tensor]], epochs: int) -> Iterable[dict[str, torch.Tensor]]:
