@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fedrec.config import FedRecConfig, to_run_config
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
+from fedrec.hard_negatives import text_neighbours
 from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
 from fedrec.runtime import autocast_dtype, configure_threads
@@ -63,8 +64,19 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
             model.model.encoder, model.table, first_adapted_layer(config.lora)
         )
     examples = build_examples(prepared.all_train_items, config.model.history_items)
+    neighbours = (
+        text_neighbours(model.model.encoder, model.table, config.train.hard_negative_pool)
+        if config.train.hard_negatives
+        else None
+    )
     dataset = NextItemDataset(
-        examples, model.table, config.train.num_negatives, config.model.max_user_tokens, config.federation.seed
+        examples,
+        model.table,
+        config.train.num_negatives,
+        config.model.max_user_tokens,
+        config.federation.seed,
+        neighbours,
+        config.train.hard_negatives,
     )
     torch.manual_seed(config.federation.seed)
     batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))

@@ -201,6 +201,12 @@ class TrainConfig:
     negatives and the other examples' positives and negatives) instead of its own
     negatives alone: many more negatives for the same encoder work. Not with DP-SGD,
     whose per-example gradients need each loss to depend on one example only."""
+    hard_negatives: int = 0
+    """How many of each example's ``train.num-negatives`` are drawn from the
+    positive's nearest items by pretrained text embedding (:mod:`fedrec.hard_negatives`)
+    instead of uniformly; 0: all uniform."""
+    hard_negative_pool: int = 50
+    """Nearest items per item that hard negatives are drawn from."""
     lr_schedule: str = "constant"
     """How the learning rates change over the federated rounds: ``constant``, or
     ``cosine`` / ``linear`` from ``train.lr`` (and ``train.id-lr``) in round 1 to
@@ -223,6 +229,12 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.num_negatives >= 1, "train.num-negatives", "must be >= 1")
         _check(self.id_lr >= 0, "train.id-lr", "must be >= 0")
+        _check(
+            0 <= self.hard_negatives <= self.num_negatives,
+            "train.hard-negatives",
+            "must be in [0, train.num-negatives]",
+        )
+        _check(self.hard_negative_pool >= 1, "train.hard-negative-pool", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,15 @@ class NextItemDataset(Dataset):
         num_negatives: int,
         max_user_tokens: int,
         seed: int,
+        neighbours: np.ndarray | None = None,
+        hard_negatives: int = 0,
     ) -> None:
+        """``neighbours`` [I, pool]: each item's nearest items, from which
+        ``hard_negatives`` of each example's negatives are drawn (the rest uniformly)."""
+        if hard_negatives and neighbours is None:
+            raise ValueError("hard_negatives needs the items' neighbours")
+        self.neighbours = neighbours
+        self.hard_negatives = hard_negatives
         self.examples = examples
         self.table = table
         self.num_negatives = num_negatives
@@ -64,13 +72,13 @@ class NextItemDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _negatives(self, exclude: frozenset[int]) -> np.ndarray:
+    def _negatives(self, exclude: frozenset[int], positive: int) -> np.ndarray:
         if self.num_items - len(exclude) < self.num_negatives:
             raise ValueError(
                 f"catalogue of {self.num_items} items leaves fewer than "
                 f"train.num-negatives={self.num_negatives} unseen items"
             )
-        chosen: list[int] = []
+        chosen = self._hard_negatives(exclude, positive)
         while len(chosen) < self.num_negatives:
             for item in self.rng.integers(0, self.num_items, size=2 * self.num_negatives):
                 if int(item) not in exclude and int(item) not in chosen:
@@ -79,10 +87,18 @@ class NextItemDataset(Dataset):
                         break
         return np.asarray(chosen, dtype=np.int64)
 
+    def _hard_negatives(self, exclude: frozenset[int], positive: int) -> list[int]:
+        """Up to ``hard_negatives`` distinct unseen items among the positive's neighbours."""
+        if not self.hard_negatives:
+            return []
+        pool = [int(i) for i in self.neighbours[positive] if int(i) not in exclude]
+        take = min(self.hard_negatives, len(pool))
+        return [pool[j] for j in self.rng.choice(len(pool), size=take, replace=False)]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         example = self.examples[index]
         user_ids, user_mask = history_tokens(self.table, example.history, self.max_user_tokens)
-        candidates = np.concatenate([[example.positive], self._negatives(example.user_items)])
+        candidates = np.concatenate([[example.positive], self._negatives(example.user_items, example.positive)])
         history, history_mask = padded_history(example.history, self.history_width)
         return {
             "user_ids": torch.from_numpy(user_ids.astype(np.int64)),

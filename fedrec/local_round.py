@@ -14,6 +14,7 @@ from fedrec.client_data import ClientData
 from fedrec.config import FedRecConfig
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
+from fedrec.hard_negatives import cached_text_neighbours
 from fedrec.item_counts import planned_releases, popularity_prior
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import cached_item_states, cached_recommender, token_table
@@ -94,8 +95,19 @@ def run_local_round(
     examples = build_examples(data.sequences, config.model.history_items)
     if not examples:
         raise ValueError(f"partition {data.partition_id} has no training examples")
+    neighbours = (
+        cached_text_neighbours(config.model, config.lora, table, config.train.hard_negative_pool)
+        if config.train.hard_negatives
+        else None
+    )
     dataset = NextItemDataset(
-        examples, table, config.train.num_negatives, config.model.max_user_tokens, seed
+        examples,
+        table,
+        config.train.num_negatives,
+        config.model.max_user_tokens,
+        seed,
+        neighbours,
+        config.train.hard_negatives,
     )
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)

@@ -54,6 +54,11 @@ def _bert(encoder: nn.Module) -> nn.Module:
     return encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
 
 
+def layer_count(encoder: nn.Module) -> int:
+    """How many transformer layers the (PEFT-wrapped) encoder has."""
+    return len(_bert(encoder).encoder.layer)
+
+
 def _run_layers(bert: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
     """``hidden`` [B, T, H] through ``layers`` of ``bert`` with padding ``mask`` [B, T]."""
     attention = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
