@@ -81,8 +81,11 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
     torch.manual_seed(config.federation.seed)
     batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))
     if config.train.lr_schedule != "constant":
-        log.warning("train.lr-schedule=%s is a schedule over federated rounds; "
-                    "central training keeps train.lr constant", config.train.lr_schedule)
+        log.warning(
+            "train.lr-schedule=%s is a schedule over federated rounds; "
+            "central training keeps train.lr constant",
+            config.train.lr_schedule,
+        )
     optimizer = make_optimizer(model.model, config.train)
     precision = autocast_dtype(config.runtime, model.device)
     out = Path(config.federation.out_dir).expanduser()

@@ -218,12 +218,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
-        _check(
-            self.lr_schedule in LR_SCHEDULES,
-            "train.lr-schedule",
-            f"must be one of {', '.join(LR_SCHEDULES)}",
-        )
-        _check(0 < self.lr_final <= 1, "train.lr-final", "must be in (0, 1]")
         _check(self.max_steps >= 0, "train.max-steps", "must be >= 0")
         _check(self.batch_size >= 1, "train.batch-size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
@@ -235,6 +229,12 @@ class TrainConfig:
             "must be in [0, train.num-negatives]",
         )
         _check(self.hard_negative_pool >= 1, "train.hard-negative-pool", "must be >= 1")
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            "train.lr-schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}",
+        )
+        _check(0 < self.lr_final <= 1, "train.lr-final", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ as DP-SGD requires.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import numpy as np
 import torch
@@ -60,8 +59,7 @@ def cached_text_neighbours(
 ) -> np.ndarray:
     """:func:`text_neighbours` of the process-wide recommender, computed once per
     process for each catalogue and model (a Ray actor runs many clients)."""
-    tokens = hashlib.sha256(table.item_ids.tobytes() + table.item_mask.tobytes()).hexdigest()
-    key = (model.name, tokens, pool)
+    key = (model.name, table.item_digest(), pool)
     if key not in _NEIGHBOURS:
         if len(_NEIGHBOURS) >= 2:
             _NEIGHBOURS.pop(next(iter(_NEIGHBOURS)))

@@ -7,6 +7,7 @@ title tokens without calling the tokenizer again.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ class TokenTable:
     sep_id: int
     pad_id: int
     separator_ids: np.ndarray
+
+    def item_digest(self) -> str:
+        """A digest of the items' tokens: keys per-catalogue caches apart."""
+        return hashlib.sha256(self.item_ids.tobytes() + self.item_mask.tobytes()).hexdigest()
 
     def save(self, path: Path) -> None:
         """Write the table to one ``.npz`` file."""

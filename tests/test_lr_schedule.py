@@ -1,9 +1,9 @@
 """Learning-rate schedules over federated rounds: the factor, the optimizer, a client's round."""
 
+import itertools
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from fedrec.client_data import load_client_data
@@ -25,7 +25,7 @@ def test_a_schedule_starts_at_one_ends_at_lr_final_and_only_falls(schedule):
     scales = [round_lr_scale(train, r, ROUNDS) for r in range(1, ROUNDS + 1)]
     assert scales[0] == 1.0
     assert scales[-1] == pytest.approx(0.2)
-    assert all(a > b for a, b in zip(scales, scales[1:]))
+    assert all(a > b for a, b in itertools.pairwise(scales))
     assert scales[2] == pytest.approx(0.6)  # half-way: both shapes pass (1 + final) / 2
     # a resumed run past its plan stays at the final rate
     assert round_lr_scale(train, ROUNDS + 3, ROUNDS) == pytest.approx(0.2)

@@ -90,8 +90,7 @@ def cached_item_states(model: ModelConfig, lora: LoraSettings, table: TokenTable
     Keyed by the settings and a digest of the catalogue's tokens, so a process
     that serves two catalogues (or two models) keeps them apart.
     """
-    tokens = hashlib.sha256(table.item_ids.tobytes() + table.item_mask.tobytes()).hexdigest()
-    key = (model, lora, tokens)
+    key = (model, lora, table.item_digest())
     if key not in _ITEM_STATES:
         if len(_ITEM_STATES) >= 2:
             _ITEM_STATES.pop(next(iter(_ITEM_STATES)))
