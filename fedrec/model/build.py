@@ -26,6 +26,8 @@ from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.tokens import TokenTable, build_token_table
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from fedrec.prepare import PreparedData
 
 
@@ -57,21 +59,32 @@ def _cached_recommender(model: ModelConfig, lora: LoraSettings, num_items: int) 
     return build_recommender(model, lora, num_items)
 
 
+def token_settings_key(model: ModelConfig) -> str:
+    """A short digest of the settings a token table depends on: tokenizer, length, text."""
+    settings = f"{model.name}|{model.max_item_tokens}|{model.item_text}"
+    return hashlib.sha256(settings.encode()).hexdigest()[:10]
+
+
+def tokenize_items(items: pd.DataFrame, model: ModelConfig) -> TokenTable:
+    """Tokenize a catalogue's ``model.item-text`` column (item tower) and titles (histories)."""
+    return build_token_table(
+        load_tokenizer(model.name),
+        items[model.item_text].astype(str).tolist(),
+        items["title"].astype(str).tolist(),
+        model.max_item_tokens,
+    )
+
+
 def token_table_path(prepared: PreparedData, model: ModelConfig) -> Path:
-    """Cache file of the token table for this dataset and tokenizer."""
-    key = hashlib.sha256(f"{model.name}|{model.max_item_tokens}".encode()).hexdigest()[:10]
-    return prepared.root / f"tokens-{key}.npz"
+    """Cache file of the token table for this dataset and these token settings."""
+    return prepared.root / f"tokens-{token_settings_key(model)}.npz"
 
 
 def token_table(prepared: PreparedData, model: ModelConfig) -> TokenTable:
     """The dataset's token table, tokenized once and cached beside the prepared data."""
     path = token_table_path(prepared, model)
     if not path.exists():
-        items = prepared.items
-        table = build_token_table(
-            load_tokenizer(model.name), items["text"].tolist(), items["title"].tolist(), model.max_item_tokens
-        )
-        table.save(path)
+        tokenize_items(prepared.items, model).save(path)
     return cached_token_table(path)
 
 
