@@ -34,7 +34,7 @@ from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
 from fedrec.data.tabular import items_from_table, read_any_table
 from fedrec.data.validation import Table, parse_interactions, require_columns
-from fedrec.model.build import cached_token_table, token_settings_key, tokenize_items
+from fedrec.model.build import stored_token_table, token_settings_key
 from fedrec.prepare import catalogue_digest, order_catalogue
 from fedrec.split import implicit_feedback
 from fedrec.tokens import TokenTable
@@ -161,10 +161,7 @@ def device_partition_id(node_config: dict) -> int:
 def device_token_table(catalogue: Catalogue, config: FedRecConfig, state_dir: Path) -> TokenTable:
     """The catalogue tokenized once and kept in the device's state folder."""
     path = state_dir / f"tokens-{catalogue.digest}-{token_settings_key(config.model)}.npz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tokenize_items(catalogue.items, config.model).save(path)
-    return cached_token_table(path)
+    return stored_token_table(path, catalogue.items, config.model)
 
 
 DEFAULT_STATE_DIR = "~/.local/state/fedrec"

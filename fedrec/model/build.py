@@ -82,9 +82,15 @@ def token_table_path(prepared: PreparedData, model: ModelConfig) -> Path:
 
 def token_table(prepared: PreparedData, model: ModelConfig) -> TokenTable:
     """The dataset's token table, tokenized once and cached beside the prepared data."""
-    path = token_table_path(prepared, model)
+    return stored_token_table(token_table_path(prepared, model), prepared.items, model)
+
+
+def stored_token_table(path: Path, items: pd.DataFrame, model: ModelConfig) -> TokenTable:
+    """The token table kept at ``path``: tokenized and written there on first use, then
+    read from disk once per process."""
     if not path.exists():
-        tokenize_items(prepared.items, model).save(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenize_items(items, model).save(path)
     return cached_token_table(path)
 
 
