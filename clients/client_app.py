@@ -19,6 +19,7 @@ from fedrec.deploy.device_data import (
     ITEMS_PATH,
     DeviceDataError,
     check_catalogue,
+    device_partition_id,
     device_state_dir,
     device_token_table,
     load_device_data,
@@ -183,3 +184,22 @@ def query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.query(records.IDENTIFY_ACTION)
+def identify(msg: Message, context: Context) -> Message:
+    """Reply with this node's partition id: the key the server's seeded sampling
+    orders nodes by (:mod:`server.sampling`), stable across runs where node ids are not.
+
+    A simulated node's ``partition-id``; a device's :func:`device_partition_id`, the
+    id it already reports with every update. Reads no data.
+    """
+    config = load_config(context.run_config)
+    node_config = context.node_config
+    if config.federation.client_data == "device":
+        partition_id = device_partition_id(node_config)
+    else:
+        partition_id = int(node_config["partition-id"])
+    return Message(
+        RecordDict({records.METRICS: MetricRecord({records.PARTITION_ID: partition_id})}), reply_to=msg
+    )

@@ -344,6 +344,11 @@ class FederationConfig:
     resume: bool = False
     """Continue from the last checkpoint in out-dir instead of starting over."""
     seed: int = 42
+    seeded_sampling: bool = True
+    """Draw each round's clients from ``seed``, by partition id (:mod:`server.sampling`),
+    so that runs with the same seed train the same clients. Not under user-level DP
+    (its amplified ε needs a draw nobody can predict) nor with SecAgg+ (Flower's
+    legacy client manager samples); there Flower's unseeded draw stays."""
     client_data: str = "partitions"
     """Where clients' data comes from: ``partitions`` of the run's dataset (simulation),
     or ``device``: each SuperNode's own files (node config ``data-path``, ``items-path``)."""

@@ -38,12 +38,16 @@ ITEM_COUNT_FAILURES = "failures"  # ... and clients that replied with an error o
 # Deployed devices (client-data=device).
 DEVICE_DATA_INVALID = 4022  # Error code: the device's data or catalogue cannot be trained on
 
+# Seeded client sampling (server.sampling): a query before a node is first sampled.
+IDENTIFY_ACTION = "identify"  # ``query.identify``: the client replies with its PARTITION_ID
+
 # Per-round keys of metrics.json.
 ROUND = "round"
 SECONDS = "seconds"
 BYTES_UP_PER_CLIENT = "bytes_up_per_client"
 BYTES_DOWN_PER_CLIENT = "bytes_down_per_client"
 CLIENTS = "clients"
+TRAINED_PARTITIONS = "trained_partitions"  # sorted partition ids whose updates were averaged
 FAILURES = "failures"  # replies that were errors or rejected updates
 REJECTED_UPDATES = "rejected_updates"  # updates that failed validation (keys, shapes, NaN, norm)
 FEDERATED_PREFIX = "federated_"  # on-client evaluation, averaged over clients

@@ -23,6 +23,7 @@ from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
 from server.item_counts import run_item_counts
+from server.sampling import SeededSampling
 from server.secure_aggregation import SecAggFedRec
 from server.strategy import server_strategy
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
@@ -85,6 +86,16 @@ def _start_record(config: FedRecConfig, model: GlobalModel, out_dir: Path) -> tu
     return record, 0
 
 
+def _seeded_sampling(config: FedRecConfig, timeout: float) -> SeededSampling | None:
+    """The run's seeded client sampling, or None for Flower's unseeded draw."""
+    if not config.federation.seeded_sampling:
+        return None
+    if config.user_dp.enabled:
+        log.info("Clients are drawn by Flower, unseeded: user-level DP's amplified epsilon needs that")
+        return None
+    return SeededSampling(config.federation.seed, timeout)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Prepare data, then run FedAvg rounds; write metrics.json and checkpoints."""
@@ -118,6 +129,8 @@ def main(grid: Grid, context: Context) -> None:
             record.write(out_dir)
 
     if config.secagg.enabled:
+        if config.federation.seeded_sampling:
+            log.info("Clients are drawn by Flower's legacy client manager, unseeded: SecAgg+ runs on it")
         strategy = SecAggFedRec(config, context, round_offset=start_round)
     else:
         strategy = server_strategy(
@@ -136,6 +149,7 @@ def main(grid: Grid, context: Context) -> None:
             round_offset=start_round,
             max_update_norm=config.federation.max_update_norm,
             wire_dtype=config.federation.wire_dtype,
+            sampling=_seeded_sampling(config, timeout),
         )
     for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
         strategy.epsilons.latest.update(

@@ -9,6 +9,9 @@
   (a device's data refused, a spent budget, a lost node) are logged with their reason;
 * bytes sent down and up per client are counted each round;
 * a round offset, so a resumed run continues its round numbers;
+* optionally, seeded client sampling (:class:`server.sampling.SeededSampling`):
+  the same seed trains the same clients in every run; the partition ids whose
+  updates were averaged are recorded per round;
 * on-client (federated) evaluation metrics kept as ``federated_<metric>``;
 * the record-level epsilon of private clients (maximum, median, run maximum)
   and budget refusals, per round (:class:`server.privacy_report.EpsilonLedger`);
@@ -37,6 +40,7 @@ from fedrec import records
 from fedrec.model.adapters import AdapterStateError, check_adapter_state
 from fedrec.model.wire import decode_update
 from server.privacy_report import EpsilonLedger
+from server.sampling import EVALUATE_STREAM, TRAIN_STREAM, SeededSampling
 
 log = logging.getLogger("fedrec.server.strategy")
 
@@ -56,9 +60,12 @@ class FedRecAvg(FedAvg):
         round_offset: int = 0,
         max_update_norm: float = 0.0,
         wire_dtype: str = "float32",
+        sampling: SeededSampling | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.sampling = sampling
+        """Which nodes a round takes: Flower's unseeded draw if None."""
         self.wire_dtype = wire_dtype
         """How clients encode their updates (fedrec.model.wire); decoded before validation."""
         self.round_offset = round_offset
@@ -99,6 +106,10 @@ class FedRecAvg(FedAvg):
         messages = list(
             super().configure_train(server_round + self.round_offset, arrays, config, grid)
         )
+        if self.sampling is not None:
+            messages = self.sampling.readdress(
+                messages, grid, server_round + self.round_offset, TRAIN_STREAM
+            )
         if self.user_dp_clients and len(messages) != self.user_dp_clients:
             log.warning(
                 "Sampled %d clients, but user-level DP is calibrated and accounted for %d",
@@ -110,6 +121,14 @@ class FedRecAvg(FedAvg):
             records.BYTES_DOWN_PER_CLIENT: float(arrays.count_bytes()),
         }
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        if self.sampling is None:
+            return messages
+        return self.sampling.readdress(messages, grid, server_round + self.round_offset, EVALUATE_STREAM)
 
     def _is_valid(self, message: Message) -> bool:
         if message.has_error():  # FedAvg drops error replies; say why each failed
@@ -178,6 +197,7 @@ class FedRecAvg(FedAvg):
             sum(wire_bytes[id(m)] for m in ok) / len(ok) if ok else 0.0
         )
         self.last_round[records.FAILURES] = float(len(replies) - len(ok))
+        self.last_round[records.TRAINED_PARTITIONS] = _partition_ids(ok)
         self.last_round[records.REJECTED_UPDATES] = float(len(replies) - len(valid))
         self.last_round.update(self.epsilons.round_report(replies))
         if self.user_dp_clients:
@@ -221,6 +241,16 @@ class FedRecAvg(FedAvg):
         if metrics is not None:
             self.last_round.update({f"{records.FEDERATED_PREFIX}{k}": float(v) for k, v in metrics.items()})
         return metrics
+
+
+def _partition_ids(replies: Iterable[Message]) -> list[int]:
+    """The sorted partition ids the replies' metrics name (replies without one skipped)."""
+    found = []
+    for reply in replies:
+        metrics = next(iter(reply.content.metric_records.values()), {})
+        if records.PARTITION_ID in metrics:
+            found.append(int(metrics[records.PARTITION_ID]))
+    return sorted(found)
 
 
 class FedRecAvgM(FedRecAvg, FedAvgM):

@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedrec.checkpoint import latest_checkpoint
 from fedrec.cli import main
+from server.sampling import seeded_draw
 from simulations.runner import _local_superlinks, simulate
 from tests.conftest import toy_run_config
 
@@ -33,9 +34,12 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
 
     assert results["dataset"]["num_users"] == 20  # smoke preset: max-users=20 -> 20 clients
     assert [r["round"] for r in results["rounds"]] == [1, 2]
+    seed = results["settings"]["seed"]
     for record in results["rounds"]:
         assert ROUND_KEYS <= set(record)
         assert record["clients"] == 5  # fraction-train 0.25 of 20
+        # seeded sampling: the partitions the seed draws, whatever ids Flower gave the nodes
+        assert record["trained_partitions"] == seeded_draw({p: p for p in range(20)}, 5, seed, record["round"])
         assert record["failures"] == 0
         assert record["train_loss"] > 0
         # 10 clients ran the ClientApp's evaluate on their own held-out items
@@ -50,6 +54,7 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
     resumed = simulate("smoke", {**overrides, "num-server-rounds": 3, "resume": True}, stream=False)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == results["rounds"]
+    assert resumed["rounds"][2]["trained_partitions"] == seeded_draw({p: p for p in range(20)}, 5, seed, 3)
     assert latest_checkpoint(out)[0] == 3
     # experiment tracking: the same rounds as CSV and TensorBoard events (both runs')
     assert pd.read_csv(out / "metrics.csv")["round"].tolist() == [1, 2, 3]
