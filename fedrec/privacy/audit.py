@@ -204,8 +204,16 @@ class AuditResult:
 def _trained_users(
     config: FedRecConfig, prepared: PreparedData, rounds: list[dict]
 ) -> tuple[np.ndarray, str]:
-    """Users whose client trained in some round (when metrics.json says), else all users."""
-    partitions = {int(p) for r in rounds for p in r.get(records.CLIENT_EPSILONS, {})}
+    """Users whose client trained in some round (when metrics.json says), else all users.
+
+    metrics.json names a round's clients in ``trained_partitions`` (since seeded
+    sampling) and, under DP-SGD, in ``client_epsilons`` (earlier runs too).
+    """
+    partitions = {
+        int(p)
+        for r in rounds
+        for p in [*r.get(records.CLIENT_EPSILONS, {}), *r.get(records.TRAINED_PARTITIONS, [])]
+    }
     if partitions and (config.partition.scheme == "user" or config.partition.num_partitions):
         num_partitions = config.partition.num_partitions or prepared.num_users
         assignment = partition_users(config, prepared, num_partitions)

@@ -133,7 +133,7 @@ def test_audit_of_a_trained_run_attacks_only_the_clients_that_trained(toy_prepar
     # with the user partitioning, partition id u holds user u
     rounds = [
         {records.ROUND: 1, records.CLIENT_EPSILONS: {str(u): 1.0 for u in users[:3]}},
-        {records.ROUND: 2, records.CLIENT_EPSILONS: {str(u): 2.0 for u in users[2:]}},
+        {records.ROUND: 2, records.TRAINED_PARTITIONS: users[2:]},  # how a run without DP names them
     ]
     out = write_run(config, prepared, model, rounds)
 
