@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 
 from fedrec import records
+from server.replies import reply_metrics
 
 log = logging.getLogger("fedrec.server.privacy")
 
@@ -36,7 +37,7 @@ class EpsilonLedger:
                         "node %s refused to train: %s", reply.metadata.src_node_id, reply.error.reason
                     )
                 continue
-            metrics = next(iter(reply.content.metric_records.values()), {})
+            metrics = reply_metrics(reply)
             if records.EPSILON in metrics:
                 epsilons[int(metrics[records.PARTITION_ID])] = float(metrics[records.EPSILON])
         self.latest.update(epsilons)

@@ -27,6 +27,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrec import records
+from server.replies import reply_partition_id
 
 log = logging.getLogger("fedrec.server.sampling")
 
@@ -104,11 +105,11 @@ class SeededSampling:
             if reply.has_error():
                 log.warning("node %s did not say its partition id: %s", node, reply.error.reason)
                 continue
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            if records.PARTITION_ID not in metrics:
+            partition_id = reply_partition_id(reply)
+            if partition_id is None:
                 log.warning("node %s replied without a partition id", node)
                 continue
-            self.node_keys[node] = int(metrics[records.PARTITION_ID])
+            self.node_keys[node] = partition_id
         known = sum(self.node_keys[n] is not None for n in node_ids)
         log.info("%d of %d nodes identified in %.1f s", known, len(node_ids), time.monotonic() - start)
         self._warn_duplicates()

@@ -40,6 +40,7 @@ from fedrec import records
 from fedrec.model.adapters import AdapterStateError, check_adapter_state
 from fedrec.model.wire import decode_update
 from server.privacy_report import EpsilonLedger
+from server.replies import reply_partition_id
 from server.sampling import EVALUATE_STREAM, TRAIN_STREAM, SeededSampling
 
 log = logging.getLogger("fedrec.server.strategy")
@@ -245,12 +246,7 @@ class FedRecAvg(FedAvg):
 
 def _partition_ids(replies: Iterable[Message]) -> list[int]:
     """The sorted partition ids the replies' metrics name (replies without one skipped)."""
-    found = []
-    for reply in replies:
-        metrics = next(iter(reply.content.metric_records.values()), {})
-        if records.PARTITION_ID in metrics:
-            found.append(int(metrics[records.PARTITION_ID]))
-    return sorted(found)
+    return sorted(p for p in map(reply_partition_id, replies) if p is not None)
 
 
 class FedRecAvgM(FedRecAvg, FedAvgM):
