@@ -37,6 +37,14 @@ log = logging.getLogger("fedrec.client")
 app = ClientApp()
 
 
+def _partition_id(config: FedRecConfig, node_config: dict) -> int:
+    """This node's partition id: a simulated node's ``partition-id``, a device's
+    :func:`device_partition_id` (the id in its seeds, state files and replies)."""
+    if config.federation.client_data == "device":
+        return device_partition_id(node_config)
+    return int(node_config["partition-id"])
+
+
 def _training_inputs(config: FedRecConfig, msg: Message, context: Context) -> tuple[ClientData, TokenTable]:
     """This client's sequences and the catalogue's tokens.
 
@@ -55,7 +63,7 @@ def _training_inputs(config: FedRecConfig, msg: Message, context: Context) -> tu
         return device.client, table
     prepared = prepare(config.data, config.eval)
     data = load_client_data(
-        config, prepared, int(node_config["partition-id"]), int(node_config["num-partitions"])
+        config, prepared, _partition_id(config, node_config), int(node_config["num-partitions"])
     )
     return data, token_table(prepared, config.model)
 
@@ -135,7 +143,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = load_client_data(
         config,
         prepared,
-        int(context.node_config["partition-id"]),
+        _partition_id(config, context.node_config),
         int(context.node_config["num-partitions"]),
     )
     sent = msg.content[records.CONFIG].get(records.ITEM_COUNTS) if records.CONFIG in msg.content else None
@@ -194,12 +202,7 @@ def identify(msg: Message, context: Context) -> Message:
     A simulated node's ``partition-id``; a device's :func:`device_partition_id`, the
     id it already reports with every update. Reads no data.
     """
-    config = load_config(context.run_config)
-    node_config = context.node_config
-    if config.federation.client_data == "device":
-        partition_id = device_partition_id(node_config)
-    else:
-        partition_id = int(node_config["partition-id"])
+    partition_id = _partition_id(load_config(context.run_config), context.node_config)
     return Message(
         RecordDict({records.METRICS: MetricRecord({records.PARTITION_ID: partition_id})}), reply_to=msg
     )
