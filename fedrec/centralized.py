@@ -22,6 +22,7 @@ from fedrec.config import FedRecConfig, to_run_config
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
 from fedrec.hard_negatives import text_neighbours
+from fedrec.model.build import training_recency
 from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
 from fedrec.runtime import autocast_dtype, configure_threads
@@ -63,6 +64,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
         model.model.item_states = compute_item_states(
             model.model.encoder, model.table, first_adapted_layer(config.lora)
         )
+    model.model.recency = training_recency(config)
     examples = build_examples(prepared.all_train_items, config.model.history_items)
     neighbours = (
         text_neighbours(model.model.encoder, model.table, config.train.hard_negative_pool)

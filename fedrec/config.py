@@ -225,6 +225,10 @@ class TrainConfig:
     has no rounds and keeps the rate constant."""
     lr_final: float = 0.1
     """The last round's learning rates as a fraction of the first round's."""
+    recent_items: int = 0
+    """Train with the recency term the device adds to its user embedding: the
+    mean embedding of the example's last N history items times
+    ``personal.recent-weight`` (0: off; must equal ``personal.recent-items``)."""
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
@@ -245,6 +249,7 @@ class TrainConfig:
             f"must be one of {', '.join(LR_SCHEDULES)}",
         )
         _check(0 < self.lr_final <= 1, "train.lr-final", "must be in (0, 1]")
+        _check(self.recent_items >= 0, "train.recent-items", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -447,6 +452,20 @@ class FedRecConfig:
             "needs lora.layers to leave the lowest layers without adapters (e.g. lora.layers=\"4,5\"): "
             "with adapters in layer 0 no layer is frozen for every item",
         )
+        if self.train.recent_items:
+            _check(
+                self.train.recent_items == self.personal.recent_items,
+                "train.recent-items",
+                f"is {self.train.recent_items} but personal.recent-items is "
+                f"{self.personal.recent_items}: the model would be evaluated and served "
+                "with a different user embedding than it was trained with",
+            )
+            _check(
+                self.model.cache_frozen_items,
+                "train.recent-items",
+                "needs model.cache-frozen-items=true (the recency term embeds the history "
+                "items from the frozen-layer cache)",
+            )
         _check(
             not (self.train.in_batch_negatives and self.dp.enabled),
             "train.in-batch-negatives",

@@ -17,7 +17,12 @@ from fedrec.examples import NextItemDataset, build_examples
 from fedrec.hard_negatives import cached_text_neighbours
 from fedrec.item_counts import planned_releases, popularity_prior
 from fedrec.model.adapters import adapter_state, load_adapter_state
-from fedrec.model.build import cached_item_states, cached_recommender, token_table
+from fedrec.model.build import (
+    cached_item_states,
+    cached_recommender,
+    token_table,
+    training_recency,
+)
 from fedrec.prepare import PreparedData
 from fedrec.privacy.accounting import AccountantState, delta_for, epsilon
 from fedrec.privacy.budget import check_budget, noise_for, planned_steps
@@ -91,6 +96,7 @@ def run_local_round(
     model.item_states = (
         cached_item_states(config.model, config.lora, table) if config.model.cache_frozen_items else None
     )
+    model.recency = training_recency(config)  # set every round: the model is shared by the actor's clients
     seed = round_seed(config, server_round, data.partition_id)
     examples = build_examples(data.sequences, config.model.history_items)
     if not examples:

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedrec.config import LoraSettings, ModelConfig
+from fedrec.config import FedRecConfig, LoraSettings, ModelConfig
 from fedrec.model.adapters import add_lora
 from fedrec.model.encoder import load_encoder, load_tokenizer
 from fedrec.model.frozen_cache import (
@@ -22,7 +22,7 @@ from fedrec.model.frozen_cache import (
     first_adapted_layer,
 )
 from fedrec.model.item_identity import attach_item_identity
-from fedrec.model.recommender import TwoTowerRecommender
+from fedrec.model.recommender import RecencyTerm, TwoTowerRecommender
 from fedrec.tokens import TokenTable, build_token_table
 
 if TYPE_CHECKING:
@@ -43,6 +43,13 @@ def build_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0
             raise ValueError("model.item-ids needs the catalogue size: pass num_items")
         attach_item_identity(encoder, num_items, model.item_id_rank)
     return TwoTowerRecommender(add_lora(encoder, lora), temperature=model.temperature)
+
+
+def training_recency(config: FedRecConfig) -> RecencyTerm | None:
+    """The recency term training adds to user embeddings (``train.recent-items``), or None."""
+    if not config.train.recent_items:
+        return None
+    return RecencyTerm(config.train.recent_items, config.personal.recent_weight)
 
 
 def cached_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0) -> TwoTowerRecommender:

@@ -11,6 +11,10 @@
 * Optional item identity (``model.item-ids``, :mod:`fedrec.model.item_identity`):
   a learned vector per item added to the item's text embedding, and the mean of
   the history items' vectors to the user's.
+* Optional recency term in training (:class:`RecencyTerm`, ``train.recent-items``):
+  the term a device adds to its user embedding at evaluation and serving
+  (``personal.recent-items``, :mod:`fedrec.model.personal_vector`), added during
+  training too, so the towers learn with the user embedding they are ranked with.
 
 The encoder is called once per tower per candidate column, each call with the
 example dimension as batch dimension, so per-sample gradients (Opacus hooks) see
@@ -18,6 +22,8 @@ one sample per example, never one per tower.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +37,15 @@ from fedrec.model.item_identity import (
 from fedrec.model.pooling import unit_mean_pool
 
 
+@dataclass(frozen=True)
+class RecencyTerm:
+    """``weight`` times the mean embedding of an example's last ``items`` history
+    items, added to its user embedding (then normalised) in training."""
+
+    items: int
+    weight: float
+
+
 class TwoTowerRecommender(nn.Module):
     """Scores candidate items for users by cosine similarity of BERT embeddings."""
 
@@ -41,6 +56,10 @@ class TwoTowerRecommender(nn.Module):
         self.item_states: FrozenItemStates | None = None
         """Frozen lower-layer states of the catalogue (``model.cache-frozen-items``);
         used when ``forward`` is given the candidates' catalogue indices."""
+        self.recency: RecencyTerm | None = None
+        """The recency term of the training logits (``forward``, ``in_batch_logits``);
+        never part of :meth:`embed_users`, which evaluation and serving call and
+        whose callers add the device's own term."""
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings of a batch of token sequences, shape [B, D].
@@ -76,7 +95,7 @@ class TwoTowerRecommender(nn.Module):
         ``history_mask`` [B, H]: the history items' catalogue indices, which the
         item-identity table needs.
         """
-        users = self.embed_users(user_ids, user_mask, history, history_mask)
+        users = self.query_users(user_ids, user_mask, history, history_mask)
         return torch.einsum("bd,bcd->bc", users, self.embed_candidates(item_ids, item_mask, items)) / self.temperature
 
     def in_batch_logits(
@@ -99,7 +118,7 @@ class TwoTowerRecommender(nn.Module):
         A client holding one user's examples would otherwise learn to rank the
         user's later items low.
         """
-        queries = self.embed_users(user_ids, user_mask, history, history_mask)
+        queries = self.query_users(user_ids, user_mask, history, history_mask)
         candidates = self.embed_candidates(item_ids, item_mask, items)
         size, columns = items.shape
         logits = queries @ candidates.reshape(size * columns, -1).T / self.temperature
@@ -131,17 +150,46 @@ class TwoTowerRecommender(nn.Module):
             raise ValueError("a model with item identities needs the history items' indices")
         return with_identity(users, pooled_identity(identity, history, history_mask))
 
+    def query_users(
+        self,
+        user_ids: torch.Tensor,
+        user_mask: torch.Tensor,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The user embeddings [B, D] that training ranks with: :meth:`embed_users`
+        plus :attr:`recency` when set, normalised as the device's term is."""
+        users = self.embed_users(user_ids, user_mask, history, history_mask)
+        if self.recency is None:
+            return users
+        if history is None or history_mask is None:
+            raise ValueError("the recency term needs the history items' indices")
+        recent = self._recent_items_mean(history, history_mask, self.recency.items)
+        return nn.functional.normalize(users.float() + self.recency.weight * recent, dim=-1)
+
+    def _recent_items_mean(self, history: torch.Tensor, history_mask: torch.Tensor, count: int) -> torch.Tensor:
+        """[B, D]: mean embedding of each row's first ``count`` history items (most
+        recent first), one item-tower call per column, from the frozen-layer cache."""
+        if self.item_states is None:
+            raise ValueError("the training recency term needs the frozen-layer item cache (model.cache-frozen-items)")
+        count = min(count, history.shape[1])
+        weights = history_mask[:, :count].unsqueeze(-1).float()
+        vectors = torch.stack([self.embed_items(None, None, history[:, c]) for c in range(count)], dim=1)
+        return (vectors.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
     def embed_items(
-        self, item_ids: torch.Tensor, item_mask: torch.Tensor, items: torch.Tensor | None = None
+        self, item_ids: torch.Tensor | None, item_mask: torch.Tensor | None, items: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Embeddings [B, D] of catalogue items given their tokens and indices [B].
 
         With :attr:`item_states` set and ``items`` given, the item tower starts at
-        the first adapted layer (the frozen-layer cache); with an item-identity
-        table, each item's identity vector is added.
+        the first adapted layer (the frozen-layer cache) and needs no tokens; with
+        an item-identity table, each item's identity vector is added.
         """
         if items is not None and self.item_states is not None:
             text = embed_cached_items(self.encoder, self.item_states, items)
+        elif item_ids is None or item_mask is None:
+            raise ValueError("embedding items without the frozen-layer cache needs their tokens")
         else:
             text = self.embed(item_ids, item_mask)
         identity = self.item_identity
