@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedrec.model.pooling import mean_pool
+
 MODULE_NAME = "item_identity"
 """Attribute of the base encoder that holds the table (PEFT ``modules_to_save``)."""
 
@@ -85,6 +87,4 @@ def with_identity(text: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
 
 def pooled_identity(identity: nn.Module, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
     """Mean identity vector [B, D] of each row's history items (``history_mask`` 1 where real)."""
-    weights = history_mask.unsqueeze(-1).float()
-    vectors = identity(history).float() * weights
-    return vectors.sum(1) / weights.sum(1).clamp(min=1.0)
+    return mean_pool(identity(history).float(), history_mask)

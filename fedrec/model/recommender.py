@@ -34,7 +34,7 @@ from fedrec.model.item_identity import (
     pooled_identity,
     with_identity,
 )
-from fedrec.model.pooling import unit_mean_pool
+from fedrec.model.pooling import mean_pool, unit_mean_pool
 
 
 @dataclass(frozen=True)
@@ -173,9 +173,8 @@ class TwoTowerRecommender(nn.Module):
         if self.item_states is None:
             raise ValueError("the training recency term needs the frozen-layer item cache (model.cache-frozen-items)")
         count = min(count, history.shape[1])
-        weights = history_mask[:, :count].unsqueeze(-1).float()
         vectors = torch.stack([self.embed_items(None, None, history[:, c]) for c in range(count)], dim=1)
-        return (vectors.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return mean_pool(vectors.float(), history_mask[:, :count])
 
     def embed_items(
         self, item_ids: torch.Tensor | None, item_mask: torch.Tensor | None, items: torch.Tensor | None = None
