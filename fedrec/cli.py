@@ -146,12 +146,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     from simulations.runner import parse_overrides
 
     result = evaluate_run(
-        Path(args.model), args.round, args.split, parse_overrides(args.run_config), Path(args.out) if args.out else None
+        Path(args.model),
+        args.round,
+        args.split,
+        parse_overrides(args.run_config),
+        Path(args.out) if args.out else None,
+        args.average_rounds or (),
     )
     metrics = result["metrics"]
-    print(f"round {result['round']} {result['split']}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY[1:5]))
+    averaged = f" (mean of rounds {result['averaged_rounds']})" if result["averaged_rounds"] else ""
+    print(f"round {result['round']}{averaged} {result['split']}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY[1:5]))
     print(f"metrics: {result['file']}")
     return 0
+
+
+def _round_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rounds separated by commas, e.g. 8,9,10, not {text!r}") from None
 
 
 def _recommendation_table(found: list) -> str:
@@ -275,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
     evaluate.add_argument(
         "--round", type=int, help="checkpoint round (default: the newest; 0: the pretrained model, no adapters)"
+    )
+    evaluate.add_argument(
+        "--average-rounds",
+        type=_round_list,
+        help="evaluate the mean of these rounds' checkpoints instead of one, e.g. 8,9,10 (a run keeps its last 3)",
     )
     evaluate.add_argument("--split", choices=("test", "valid"), default="test", help="held-out items (default: %(default)s)")
     evaluate.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.enabled=true personal.l2=3"')

@@ -11,12 +11,12 @@ training (e.g. ``personal.enabled``) is measured on the very same adapters.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedrec.config import RunConfigValue
 from fedrec.global_model import GlobalModel
-from fedrec.model.adapters import load_saved_adapter
+from fedrec.model.adapters import load_saved_adapter, load_saved_adapter_mean
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
 from fedrec.serving.trained import evaluation_config, find_checkpoint, run_item_prior
@@ -28,6 +28,7 @@ def evaluate_run(
     split: str = "test",
     overrides: Mapping[str, RunConfigValue] | None = None,
     out: Path | None = None,
+    average_rounds: Sequence[int] = (),
 ) -> dict:
     """Metrics of a run's checkpoint on ``split`` (test or valid), written as JSON.
 
@@ -35,29 +36,46 @@ def evaluate_run(
     adapters loaded) with the run's settings, its item counts and ``overrides``:
     what training added is the difference to a later round.
 
+    ``average_rounds`` (instead of ``server_round``) evaluates the element-wise
+    mean of those rounds' checkpoints (tail averaging of the global model; a run
+    keeps its last three).
+
     ``out`` defaults to ``RUN/evaluations/round-NNNN-SPLIT[_KEY=VALUE...].json``
-    (one file per set of overrides); the file records the overrides too.
+    (``round-NNNN-mean-of-AAAA-...-SPLIT...`` for an average; one file per set of
+    overrides); the file records the overrides and averaged rounds too.
     """
     if split not in ("test", "valid"):
         raise ValueError(f"split must be test or valid, not {split!r}")
+    average_rounds = list(average_rounds)
+    if average_rounds and server_round is not None:
+        raise ValueError("give a checkpoint round or rounds to average, not both")
+    if len(set(average_rounds)) != len(average_rounds) or any(r < 1 for r in average_rounds):
+        raise ValueError(f"rounds to average must be distinct rounds from 1 on, not {average_rounds}")
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     config = evaluation_config(run_dir, overrides)
     configure_threads(config.runtime)
     model = GlobalModel(config, prepare(config.data, config.eval))
-    if server_round != 0:  # round 0: the adapters as initialised, i.e. the pretrained model
+    if average_rounds:
+        folders = [find_checkpoint(run_dir, r)[1] for r in sorted(average_rounds)]
+        load_saved_adapter_mean(model.model.encoder, folders)
+        server_round = max(average_rounds)
+    elif server_round != 0:  # round 0: the adapters as initialised, i.e. the pretrained model
         server_round, folder = find_checkpoint(run_dir, server_round)
         load_saved_adapter(model.model.encoder, folder)
     model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
     result = {
         "run": str(run_dir),
         "round": server_round,
+        "averaged_rounds": sorted(average_rounds),
         "split": split,
         "overrides": overrides,
         "metrics": model.evaluate(split),
     }
     tag = "".join(f"_{key}={value}" for key, value in sorted(overrides.items()))
-    out = out or run_dir / "evaluations" / f"round-{server_round:04d}-{split}{tag}.json"
+    mean = "".join(f"-{r:04d}" for r in sorted(average_rounds))
+    name = f"round-{server_round:04d}{'-mean-of' + mean if mean else ''}-{split}{tag}.json"
+    out = out or run_dir / "evaluations" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     result["file"] = str(out)

@@ -250,6 +250,36 @@ def test_fedrec_evaluate_round_zero_is_the_pretrained_model(run_dir, reference, 
     assert any(trained[name] != written["metrics"][name] for name in ("ndcg@10", "ndcg@10_full", "mrr_full"))
 
 
+def test_fedrec_evaluate_averages_the_checkpoints_of_several_rounds(run_dir, reference, capsys):
+    """--average-rounds 1,3 scores the element-wise mean of both rounds' adapters."""
+    config, prepared, round3_model, table = reference
+    assert main(["evaluate", "--model", str(run_dir), "--average-rounds", "1,3", "--split", "valid"]) == 0
+    out = run_dir / "evaluations" / "round-0003-mean-of-0001-0003-valid.json"
+    assert str(out) in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["round"] == 3 and written["averaged_rounds"] == [1, 3]
+    round1 = adapter_state(_trained_adapters(build_recommender(config.model, config.lora), seed=1).encoder)
+    round3 = adapter_state(round3_model.encoder)
+    mean = build_recommender(config.model, config.lora)
+    load_adapter_state(mean.encoder, {k: (round1[k] + round3[k]) / 2 for k in round3})
+    histories = histories_for(prepared, "valid")
+    expected = evaluate_scorer(
+        model_scorer(mean, table, histories, config.model.history_items, config.model.max_user_tokens, torch.device("cpu")),
+        prepared, "valid", config.eval.k, beyond=True,
+    )
+    for name in ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full", "mrr_full"):
+        assert written["metrics"][name] == pytest.approx(expected[name], abs=1e-6), name
+    last = evaluate_scorer(
+        model_scorer(round3_model, table, histories, config.model.history_items, config.model.max_user_tokens, torch.device("cpu")),
+        prepared, "valid", config.eval.k, beyond=True,
+    )
+    assert any(last[name] != written["metrics"][name] for name in ("ndcg@10", "ndcg@10_full", "mrr_full"))
+    assert main(["evaluate", "--model", str(run_dir), "--average-rounds", "1,2"]) == 2
+    assert "round 2" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(run_dir), "--round", "3", "--average-rounds", "1,3"]) == 2
+    assert main(["evaluate", "--model", str(run_dir), "--average-rounds", "3,3"]) == 2
+
+
 def test_run_directory_errors_name_the_folder(tmp_path, run_dir):
     with pytest.raises(RunDirectoryError, match="no metrics.json"):
         Recommender.from_run(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -105,14 +106,30 @@ def save_adapter(model: PeftModel, folder: Path) -> None:
 
 def load_saved_adapter(model: PeftModel, folder: Path) -> None:
     """Load adapters written by :func:`save_adapter` into ``model``."""
+    load_saved_adapter_mean(model, [folder])
+
+
+def load_saved_adapter_mean(model: PeftModel, folders: Sequence[Path]) -> None:
+    """Load the element-wise mean of adapters written by :func:`save_adapter`.
+
+    With the global adapters of a run's last rounds this is tail (Polyak)
+    averaging of the global model; one folder loads that checkpoint as saved.
+    """
     from safetensors.torch import load_file
 
-    weights = Path(folder) / "adapter_model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"no adapter weights at {weights}")
-    saved = load_file(str(weights))
-    # a checkpoint holds every adapter; under FFA-LoRA lora_A is fixed and not loaded
-    load_adapter_state(model, {k: v for k, v in saved.items() if k in adapter_state(model)})
+    if not folders:
+        raise ValueError("no adapter folders to load")
+    wanted = adapter_state(model)  # under FFA-LoRA lora_A is fixed and not loaded
+    total: dict[str, torch.Tensor] = {}
+    for folder in folders:
+        weights = Path(folder) / "adapter_model.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"no adapter weights at {weights}")
+        saved = load_file(str(weights))
+        check_adapter_state(wanted, {k: v for k, v in saved.items() if k in wanted})
+        for key in wanted:
+            total[key] = total[key] + saved[key] if key in total else saved[key].clone()
+    load_adapter_state(model, {k: v / len(folders) for k, v in total.items()})
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
