@@ -160,6 +160,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+AVERAGE_ROUNDS_HELP = "the mean of these rounds' checkpoints instead of one, e.g. 8,9,10 (a run keeps its last 3)"
+
+
 def _round_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -180,7 +183,9 @@ def _recommend(args: argparse.Namespace) -> int:
 
     if args.user is None and not args.items and not args.text:
         raise ValueError("give --user, or a new user's --items and/or --text")
-    recommender = Recommender.from_run(args.model, args.round, args.quantize, parse_overrides(args.run_config))
+    recommender = Recommender.from_run(
+        args.model, args.round, args.quantize, parse_overrides(args.run_config), args.average_rounds or ()
+    )
     if args.user is not None:
         found = recommender.for_user(args.user, args.k)
     else:
@@ -197,7 +202,9 @@ def _serve(args: argparse.Namespace) -> int:
     from fedrec.serving.http import make_server
     from simulations.runner import parse_overrides
 
-    recommender = Recommender.from_run(args.model, args.round, args.quantize, parse_overrides(args.run_config))
+    recommender = Recommender.from_run(
+        args.model, args.round, args.quantize, parse_overrides(args.run_config), args.average_rounds or ()
+    )
     server = make_server(recommender, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {recommender.num_items} items on http://{host}:{port} (Ctrl-C stops)", flush=True)
@@ -269,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True, help="run folder written by `fedrec simulate` (its --out)")
         p.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
+        p.add_argument("--average-rounds", type=_round_list, help=AVERAGE_ROUNDS_HELP)
         p.add_argument("--quantize", choices=("none", "int8"), default="none", help="dynamic int8 encoder on CPU")
         p.add_argument(
             "--run-config",
@@ -292,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--average-rounds",
         type=_round_list,
-        help="evaluate the mean of these rounds' checkpoints instead of one, e.g. 8,9,10 (a run keeps its last 3)",
+        help=AVERAGE_ROUNDS_HELP,
     )
     evaluate.add_argument("--split", choices=("test", "valid"), default="test", help="held-out items (default: %(default)s)")
     evaluate.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.enabled=true personal.l2=3"')

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from fedrec.config import RunConfigValue
 from fedrec.global_model import GlobalModel
-from fedrec.model.adapters import load_saved_adapter, load_saved_adapter_mean
+from fedrec.model.adapters import load_saved_adapter_mean
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
-from fedrec.serving.trained import evaluation_config, find_checkpoint, run_item_prior
+from fedrec.serving.trained import checkpoint_folders, evaluation_config, run_item_prior
 
 
 def evaluate_run(
@@ -46,23 +46,14 @@ def evaluate_run(
     """
     if split not in ("test", "valid"):
         raise ValueError(f"split must be test or valid, not {split!r}")
-    average_rounds = list(average_rounds)
-    if average_rounds and server_round is not None:
-        raise ValueError("give a checkpoint round or rounds to average, not both")
-    if len(set(average_rounds)) != len(average_rounds) or any(r < 1 for r in average_rounds):
-        raise ValueError(f"rounds to average must be distinct rounds from 1 on, not {average_rounds}")
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
     config = evaluation_config(run_dir, overrides)
     configure_threads(config.runtime)
     model = GlobalModel(config, prepare(config.data, config.eval))
-    if average_rounds:
-        folders = [find_checkpoint(run_dir, r)[1] for r in sorted(average_rounds)]
+    if server_round != 0 or average_rounds:  # round 0: the adapters as initialised, i.e. the pretrained model
+        server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
         load_saved_adapter_mean(model.model.encoder, folders)
-        server_round = max(average_rounds)
-    elif server_round != 0:  # round 0: the adapters as initialised, i.e. the pretrained model
-        server_round, folder = find_checkpoint(run_dir, server_round)
-        load_saved_adapter(model.model.encoder, folder)
     model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
     result = {
         "run": str(run_dir),

@@ -171,6 +171,24 @@ def test_older_round_and_int8_quantization(run_dir, recommender):
     assert index_path(quantized.trained) != index_path(recommender.trained)
 
 
+def test_serving_the_mean_of_several_rounds(run_dir, recommender, reference):
+    """average_rounds=(1, 3) serves the merged mean of both rounds' adapters, from its own index file."""
+    config, _, round3_model, table = reference
+    averaged = Recommender.from_run(run_dir, average_rounds=(3, 1))
+    assert averaged.trained.server_round == 3 and averaged.trained.averaged_rounds == (1, 3)
+    round1 = adapter_state(_trained_adapters(build_recommender(config.model, config.lora), seed=1).encoder)
+    round3 = adapter_state(round3_model.encoder)
+    mean = build_recommender(config.model, config.lora)
+    load_adapter_state(mean.encoder, {k: (round1[k] + round3[k]) / 2 for k in round3})
+    torch.testing.assert_close(averaged.items, encode_items(mean, table, torch.device("cpu")), atol=1e-5, rtol=1e-4)
+    assert (averaged.items - recommender.items).abs().max() > 1e-2
+    assert index_path(averaged.trained) != index_path(recommender.trained)
+    with pytest.raises(ValueError, match="not both"):
+        Recommender.from_run(run_dir, server_round=3, average_rounds=(1, 3))
+    with pytest.raises(RunDirectoryError, match="round 2"):
+        Recommender.from_run(run_dir, average_rounds=(2, 3))
+
+
 PERSONAL = {"personal.enabled": True, "personal.steps": 30, "personal.recent-items": 2}
 
 
@@ -310,7 +328,9 @@ def test_http_endpoint_in_a_real_process(run_dir, recommender):
         line = server.stdout.readline()
         assert line.startswith("serving"), line
         base = line.split()[4]
-        assert _request(f"{base}/health") == (200, {"status": "ok", "items": 40, "round": 3, "quantization": "none"})
+        assert _request(f"{base}/health") == (
+            200, {"status": "ok", "items": 40, "round": 3, "averaged_rounds": [], "quantization": "none"}
+        )
 
         user_id = str(recommender.trained.prepared.users["user_id"].iloc[0])
         status, body = _request(f"{base}/users/{user_id}/recommendations?k=3")

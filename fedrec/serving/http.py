@@ -98,6 +98,7 @@ def make_handler(recommender: Recommender) -> type[BaseHTTPRequestHandler]:
                         "status": "ok",
                         "items": recommender.num_items,
                         "round": recommender.trained.server_round,
+                        "averaged_rounds": list(recommender.trained.averaged_rounds),
                         "quantization": recommender.trained.quantization,
                     }
                 )

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def index_path(trained: TrainedModel) -> Path:
-    """Where the index of this run, round and quantization lives."""
-    name = f"items-round-{trained.server_round:04d}-{trained.quantization}.npy"
+    """Where the index of this run, round (or averaged rounds) and quantization lives."""
+    mean = "".join(f"-{r:04d}" for r in trained.averaged_rounds)
+    name = f"items-round-{trained.server_round:04d}{'-mean-of' + mean if mean else ''}-{trained.quantization}.npy"
     return trained.run_dir / "serving" / name
 
 
@@ -34,6 +35,7 @@ def _description(trained: TrainedModel) -> dict:
         "model": trained.config.model.name,
         "max_item_tokens": trained.config.model.max_item_tokens,
         "server_round": trained.server_round,
+        "averaged_rounds": list(trained.averaged_rounds),
         "quantization": trained.quantization,
     }
 

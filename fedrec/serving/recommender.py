@@ -114,10 +114,12 @@ class Recommender:
         server_round: int | None = None,
         quantization: str = "none",
         overrides: Mapping[str, RunConfigValue] | None = None,
+        average_rounds: Sequence[int] = (),
     ) -> Recommender:
         """Load a run directory written by ``fedrec simulate``; ``overrides``:
-        evaluation-time settings, e.g. ``{"personal.enabled": True}``."""
-        return cls(load_trained(Path(run_dir), server_round, quantization, overrides))
+        evaluation-time settings, e.g. ``{"personal.enabled": True}``;
+        ``average_rounds``: serve the mean of those rounds' checkpoints."""
+        return cls(load_trained(Path(run_dir), server_round, quantization, overrides, average_rounds))
 
     @property
     def num_items(self) -> int:

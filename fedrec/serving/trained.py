@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from fedrec.config import (
     to_run_config,
 )
 from fedrec.item_counts import COUNTS_FILE, load_item_counts, popularity_prior
-from fedrec.model.adapters import load_saved_adapter
+from fedrec.model.adapters import load_saved_adapter_mean
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData, prepare
@@ -57,6 +57,8 @@ class TrainedModel:
     quantization: str
     item_prior: torch.Tensor | None = None
     """Added to every item's score (``popularity.*``; None when off)."""
+    averaged_rounds: tuple[int, ...] = ()
+    """The rounds whose checkpoints were averaged (empty: ``server_round``'s alone)."""
 
 
 def run_config_of(run_dir: Path) -> FedRecConfig:
@@ -116,6 +118,23 @@ def find_checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]
     return server_round, folder
 
 
+def checkpoint_folders(
+    run_dir: Path, server_round: int | None, average_rounds: Sequence[int] = ()
+) -> tuple[int, list[Path]]:
+    """(round, folders) to load: one checkpoint (default: the newest), or with
+    ``average_rounds`` those rounds' checkpoints, whose mean is loaded (tail
+    averaging of the global model; a run keeps its last three rounds)."""
+    rounds = sorted(average_rounds)
+    if not rounds:
+        server_round, folder = find_checkpoint(run_dir, server_round)
+        return server_round, [folder]
+    if server_round is not None:
+        raise ValueError("give a checkpoint round or rounds to average, not both")
+    if len(set(rounds)) != len(rounds) or rounds[0] < 1:
+        raise ValueError(f"rounds to average must be distinct rounds from 1 on, not {list(average_rounds)}")
+    return rounds[-1], [find_checkpoint(run_dir, r)[1] for r in rounds]
+
+
 def quantize_int8(model: TwoTowerRecommender) -> TwoTowerRecommender:
     """Dynamic int8 quantization of every Linear layer (weights int8, CPU only).
 
@@ -135,10 +154,12 @@ def load_trained(
     server_round: int | None = None,
     quantization: str = "none",
     overrides: Mapping[str, RunConfigValue] | None = None,
+    average_rounds: Sequence[int] = (),
 ) -> TrainedModel:
     """Load a run's settings, catalogue and model with merged adapters, for CPU inference.
 
-    ``server_round`` picks a checkpoint (default: the newest); ``quantization``
+    ``server_round`` picks a checkpoint (default: the newest), ``average_rounds``
+    the mean of several (:func:`checkpoint_folders`); ``quantization``
     ``int8`` quantizes the merged encoder's linear layers dynamically;
     ``overrides``: evaluation-time settings (:func:`evaluation_config`).
     """
@@ -146,15 +167,16 @@ def load_trained(
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     run_dir = Path(run_dir)
     config = evaluation_config(run_dir, overrides or {})
-    server_round, folder = find_checkpoint(run_dir, server_round)
+    server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
     prepared = prepare(config.data, config.eval)
     recommender = build_recommender(config.model, config.lora, prepared.num_items)
-    load_saved_adapter(recommender.encoder, folder)
+    load_saved_adapter_mean(recommender.encoder, folders)
     model = TwoTowerRecommender(recommender.encoder.merge_and_unload(), recommender.temperature)
     model.eval()
     if quantization == "int8":
         model = quantize_int8(model)
-    log.info("loaded %s round %d (%s)", run_dir, server_round, quantization)
+    averaged = tuple(sorted(average_rounds))
+    log.info("loaded %s round %d%s (%s)", run_dir, server_round, f" averaged over {averaged}" if averaged else "", quantization)
     return TrainedModel(
         run_dir=run_dir,
         config=config,
@@ -164,4 +186,5 @@ def load_trained(
         server_round=server_round,
         quantization=quantization,
         item_prior=run_item_prior(run_dir, config, prepared.num_items),
+        averaged_rounds=averaged,
     )
