@@ -297,11 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--round", type=int, help="checkpoint round (default: the newest; 0: the pretrained model, no adapters)"
     )
-    evaluate.add_argument(
-        "--average-rounds",
-        type=_round_list,
-        help=AVERAGE_ROUNDS_HELP,
-    )
+    evaluate.add_argument("--average-rounds", type=_round_list, help=AVERAGE_ROUNDS_HELP)
     evaluate.add_argument("--split", choices=("test", "valid"), default="test", help="held-out items (default: %(default)s)")
     evaluate.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.enabled=true personal.l2=3"')
     evaluate.add_argument("--out", help="JSON file (default: RUN/evaluations/round-NNNN-SPLIT[_overrides].json)")

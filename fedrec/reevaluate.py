@@ -19,7 +19,12 @@ from fedrec.global_model import GlobalModel
 from fedrec.model.adapters import load_saved_adapter_mean
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
-from fedrec.serving.trained import checkpoint_folders, evaluation_config, run_item_prior
+from fedrec.serving.trained import (
+    checkpoint_folders,
+    checkpoint_name,
+    evaluation_config,
+    run_item_prior,
+)
 
 
 def evaluate_run(
@@ -64,9 +69,7 @@ def evaluate_run(
         "metrics": model.evaluate(split),
     }
     tag = "".join(f"_{key}={value}" for key, value in sorted(overrides.items()))
-    mean = "".join(f"-{r:04d}" for r in sorted(average_rounds))
-    name = f"round-{server_round:04d}{'-mean-of' + mean if mean else ''}-{split}{tag}.json"
-    out = out or run_dir / "evaluations" / name
+    out = out or run_dir / "evaluations" / f"{checkpoint_name(server_round, average_rounds)}-{split}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     result["file"] = str(out)

@@ -16,15 +16,14 @@ import numpy as np
 import torch
 
 from fedrec.evaluation import encode_items
-from fedrec.serving.trained import TrainedModel
+from fedrec.serving.trained import TrainedModel, checkpoint_name
 
 log = logging.getLogger(__name__)
 
 
 def index_path(trained: TrainedModel) -> Path:
     """Where the index of this run, round (or averaged rounds) and quantization lives."""
-    mean = "".join(f"-{r:04d}" for r in trained.averaged_rounds)
-    name = f"items-round-{trained.server_round:04d}{'-mean-of' + mean if mean else ''}-{trained.quantization}.npy"
+    name = f"items-{checkpoint_name(trained.server_round, trained.averaged_rounds)}-{trained.quantization}.npy"
     return trained.run_dir / "serving" / name
 
 

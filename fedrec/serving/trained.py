@@ -118,6 +118,13 @@ def find_checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]
     return server_round, folder
 
 
+def checkpoint_name(server_round: int, averaged_rounds: Sequence[int] = ()) -> str:
+    """``round-0010``, or ``round-0010-mean-of-0008-0009-0010`` for an average: the
+    stem of files derived from a checkpoint (item index, evaluation JSON)."""
+    mean = "".join(f"-{r:04d}" for r in sorted(averaged_rounds))
+    return f"round-{server_round:04d}" + (f"-mean-of{mean}" if mean else "")
+
+
 def checkpoint_folders(
     run_dir: Path, server_round: int | None, average_rounds: Sequence[int] = ()
 ) -> tuple[int, list[Path]]:
