@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.local_adapters import load_local_adapters, save_local_adapters
 from clients.mods import user_dp_clipping_mod, wire_encoding_mod
 from clients.privacy_state import load_accountant, save_accountant
 from clients.secure_aggregation import SECAGG_MODS
@@ -101,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             server_round,
             accountant,
             proximal_mu,
+            load_local_adapters(context),
         )
     except BudgetExhausted as refusal:
         log.warning("partition %d: %s", partition_id, refusal)
@@ -109,6 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         save_last_round(
             device_state_dir(context.node_config), output.adapters, server_round, context.run_id
         )
+    save_local_adapters(context, output.local_adapters)
     arrays = ArrayRecord(output.adapters)
     metrics = {
         records.NUM_EXAMPLES: output.result.examples,
@@ -134,7 +137,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank this client's held-out items with the global adapters; reply with metrics."""
+    """Rank this client's held-out items with the global adapters (and, under
+    ``lora.local-b``, the lora_B it kept from its last round); reply with metrics."""
     config = load_config(context.run_config)
     if config.federation.client_data == "device":
         reason = "on-device evaluation is not implemented; the server evaluates (fraction-evaluate=0)"
@@ -153,6 +157,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         data,
         msg.content[records.ARRAYS].to_torch_state_dict(),
         None if sent is None else np.asarray(sent, dtype=np.float64),
+        load_local_adapters(context),
     )
     metrics[records.NUM_EXAMPLES] = len(data.users)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -166,9 +166,18 @@ class LoraSettings:
     freeze_a: bool = False
     """FFA-LoRA: keep every lora_A at its (seeded, identical) initial value and train,
     send and average only lora_B, so FedAvg averages the product B·A exactly."""
+    local_b: bool = False
+    """FedSA-LoRA (Guo et al., ICLR 2025): train both matrices, but send and average
+    only lora_A; each client keeps its own lora_B between rounds (node state) and
+    evaluates with it. The server's model has lora_B at its initial zeros."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1")
+        _check(
+            not (self.freeze_a and self.local_b),
+            "lora.local-b",
+            "cannot be used with lora.freeze-a: FFA-LoRA sends only lora_B, FedSA-LoRA keeps it on the device",
+        )
         _check(self.alpha >= 1, "lora.alpha", "must be >= 1")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(bool(self.target_module_list), "lora.target-modules", "must name a module")
@@ -466,6 +475,13 @@ class FedRecConfig:
                 "needs model.cache-frozen-items=true (the recency term embeds the history "
                 "items from the frozen-layer cache)",
             )
+        _check(
+            not self.lora.local_b or self.federation.fraction_evaluate > 0,
+            "lora.local-b",
+            "needs fraction-evaluate > 0: each client's lora_B stays on the client, so only "
+            "the clients' own evaluation (federated_* metrics) sees the personalised model; "
+            "the server's evaluates the shared part with lora_B = 0",
+        )
         _check(
             not (self.train.in_batch_negatives and self.dp.enabled),
             "train.in-batch-negatives",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +16,12 @@ from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.hard_negatives import cached_text_neighbours
 from fedrec.item_counts import planned_releases, popularity_prior
-from fedrec.model.adapters import adapter_state, load_adapter_state
+from fedrec.model.adapters import (
+    adapter_state,
+    load_adapter_state,
+    load_local_adapter_state,
+    local_adapter_state,
+)
 from fedrec.model.build import (
     cached_item_states,
     cached_recommender,
@@ -62,9 +67,12 @@ class RoundOutput:
     """The adapters after local training and what the training did."""
 
     adapters: OrderedDict[str, torch.Tensor]
+    """What the client sends."""
     result: TrainResult
     num_examples: int
     privacy: PrivacyReport | None = None
+    local_adapters: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
+    """What the client keeps for its next round (FedSA-LoRA's lora_B; empty otherwise)."""
 
 
 def round_seed(config: FedRecConfig, server_round: int, partition_id: int) -> int:
@@ -80,6 +88,7 @@ def run_local_round(
     server_round: int,
     accountant: AccountantState | None = None,
     proximal_mu: float = 0.0,
+    local_adapters: dict[str, torch.Tensor] | None = None,
 ) -> RoundOutput:
     """Train the received adapters on this client's examples for one round.
 
@@ -87,12 +96,14 @@ def run_local_round(
     (the client's state from earlier rounds; None on its first). It raises
     :class:`~fedrec.privacy.budget.BudgetExhausted`, before training, when the
     round would take the client past its budget. ``proximal_mu``: FedProx's term
-    towards ``global_adapters`` (sent by the server; 0: none).
+    towards ``global_adapters`` (sent by the server; 0: none). ``local_adapters``:
+    what this client kept from its last round under ``lora.local-b`` (None: its first).
     """
     configure_threads(config.runtime)
     device = select_device(config.runtime)
     model = cached_recommender(config.model, config.lora, len(table.item_ids)).to(device)
     load_adapter_state(model.encoder, global_adapters)
+    load_local_adapter_state(model.encoder, local_adapters)
     model.item_states = (
         cached_item_states(config.model, config.lora, table) if config.model.cache_frozen_items else None
     )
@@ -122,12 +133,15 @@ def run_local_round(
     precision = autocast_dtype(config.runtime, device)
     if not config.dp.enabled:
         result = train_local(model, loader, optimizer, config.train, device, precision, proximal_mu)
-        return RoundOutput(adapter_state(model.encoder), result, num_examples=len(examples))
-    state = accountant or AccountantState(config.dp.accountant)
-    result, report = _train_privately(
-        config, model, loader, optimizer, state, device, precision, proximal_mu
+        report = None
+    else:
+        state = accountant or AccountantState(config.dp.accountant)
+        result, report = _train_privately(
+            config, model, loader, optimizer, state, device, precision, proximal_mu
+        )
+    return RoundOutput(
+        adapter_state(model.encoder), result, len(examples), report, local_adapter_state(model.encoder)
     )
-    return RoundOutput(adapter_state(model.encoder), result, len(examples), report)
 
 
 def _train_privately(
@@ -172,14 +186,17 @@ def evaluate_local(
     data: ClientData,
     global_adapters: dict[str, torch.Tensor],
     item_counts: np.ndarray | None = None,
+    local_adapters: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Metrics of the global adapters on this client's own held-out (test) items
-    (``item_counts``: the run's summed counts, for ``popularity.*``)."""
+    (``item_counts``: the run's summed counts, for ``popularity.*``; ``local_adapters``:
+    the client's own lora_B under ``lora.local-b``, None before it has trained)."""
     configure_threads(config.runtime)
     device = select_device(config.runtime)
     table = token_table(prepared, config.model)
     model = cached_recommender(config.model, config.lora, len(table.item_ids)).to(device)
     load_adapter_state(model.encoder, global_adapters)
+    load_local_adapter_state(model.encoder, local_adapters)
     with autocast(config.runtime, device):
         scorer = model_scorer(
             model,

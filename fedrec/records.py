@@ -28,6 +28,7 @@ NOISE_MULTIPLIER = "noise-multiplier"
 
 # Record-level DP on clients (DP-SGD).
 DP_STATE = "fedrec-dp-accountant"  # context.state key of a client's accountant history
+LOCAL_ADAPTERS = "fedrec-local-adapters"  # context.state key of FedSA-LoRA's lora_B (never sent)
 BUDGET_EXHAUSTED = 4031  # Error code of the reply of a client that refuses to train
 
 # The popularity prior (fedrec.item_counts): a query before the first round.

@@ -24,6 +24,10 @@ class AdapterStateError(ValueError):
     """An adapter state dict does not match the model's adapters."""
 
 
+KEEPS_B_LOCAL = "fedrec_keeps_b_local"
+"""Attribute set on a PEFT model whose lora_B matrices stay on the client (FedSA-LoRA)."""
+
+
 def lora_config(settings: LoraSettings, modules_to_save: list[str] | None = None) -> LoraConfig:
     """The PEFT ``LoraConfig`` for fedrec's settings (plus whole modules trained beside them)."""
     return LoraConfig(
@@ -44,6 +48,9 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     the same global adapter. With ``settings.freeze_a`` (FFA-LoRA, Sun et al. 2024)
     only the ``lora_B`` matrices are trainable: every party keeps the same seeded
     ``lora_A``, so averaging the B matrices averages the products B·A exactly.
+    With ``settings.local_b`` (FedSA-LoRA) both are trained but only ``lora_A``
+    travels: :func:`adapter_state` leaves ``lora_B`` out and
+    :func:`local_adapter_state` holds it.
 
     An item-identity table on the encoder (``model.item-ids``) becomes a PEFT
     ``modules_to_save`` module: trained, saved and exchanged with the adapters.
@@ -55,7 +62,12 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     trainable = "lora_B" if settings.freeze_a else "lora_"
     for name, param in model.named_parameters():
         param.requires_grad = trainable in name or "modules_to_save" in name
+    setattr(model, KEEPS_B_LOCAL, settings.local_b)
     return model
+
+
+def _keeps_b_local(model: PeftModel) -> bool:
+    return bool(getattr(model, KEEPS_B_LOCAL, False))
 
 
 def _a_is_frozen(model: PeftModel) -> bool:
@@ -65,12 +77,39 @@ def _a_is_frozen(model: PeftModel) -> bool:
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     """The trainable adapter weights, detached on CPU, keyed as PEFT saves them.
 
-    Under FFA-LoRA (frozen ``lora_A``) only the ``lora_B`` weights: what travels.
+    Under FFA-LoRA (frozen ``lora_A``) only the ``lora_B`` weights, under FedSA-LoRA
+    (``lora.local-b``) everything but them: what travels.
     """
     state = get_peft_model_state_dict(model)
     if _a_is_frozen(model):
         state = {k: v for k, v in state.items() if "lora_A" not in k}
+    if _keeps_b_local(model):
+        state = {k: v for k, v in state.items() if "lora_B" not in k}
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+
+
+def local_adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+    """The adapter weights that stay on the client: FedSA-LoRA's ``lora_B``
+    (empty when every adapter is shared)."""
+    if not _keeps_b_local(model):
+        return OrderedDict()
+    state = get_peft_model_state_dict(model)
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items() if "lora_B" in k)
+
+
+def load_local_adapter_state(model: PeftModel, state: dict[str, torch.Tensor] | None) -> None:
+    """Set the client's own ``lora_B`` (FedSA-LoRA) from what it kept after its last round;
+    None: PEFT's initial zeros, as on its first round. Always called, because one model
+    object serves many clients in turn. A no-op when every adapter is shared."""
+    expected = local_adapter_state(model)
+    if not expected:
+        if state:
+            raise AdapterStateError("local adapters given, but this model shares every adapter (lora.local-b=false)")
+        return
+    if state is None:
+        state = {k: torch.zeros_like(v) for k, v in expected.items()}
+    check_adapter_state(expected, state)
+    set_peft_model_state_dict(model, state)
 
 
 def check_adapter_state(
