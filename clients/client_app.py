@@ -102,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             server_round,
             accountant,
             proximal_mu,
-            load_local_adapters(context),
+            load_local_adapters(context, config, partition_id),
         )
     except BudgetExhausted as refusal:
         log.warning("partition %d: %s", partition_id, refusal)
@@ -111,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         save_last_round(
             device_state_dir(context.node_config), output.adapters, server_round, context.run_id
         )
-    save_local_adapters(context, output.local_adapters)
+    save_local_adapters(context, config, partition_id, output.local_adapters)
     arrays = ArrayRecord(output.adapters)
     metrics = {
         records.NUM_EXAMPLES: output.result.examples,
@@ -144,12 +144,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         reason = "on-device evaluation is not implemented; the server evaluates (fraction-evaluate=0)"
         return Message(Error(code=records.DEVICE_DATA_INVALID, reason=reason), reply_to=msg)
     prepared = prepare(config.data, config.eval)
-    data = load_client_data(
-        config,
-        prepared,
-        _partition_id(config, context.node_config),
-        int(context.node_config["num-partitions"]),
-    )
+    partition_id = _partition_id(config, context.node_config)
+    data = load_client_data(config, prepared, partition_id, int(context.node_config["num-partitions"]))
     sent = msg.content[records.CONFIG].get(records.ITEM_COUNTS) if records.CONFIG in msg.content else None
     metrics = evaluate_local(
         config,
@@ -157,7 +153,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         data,
         msg.content[records.ARRAYS].to_torch_state_dict(),
         None if sent is None else np.asarray(sent, dtype=np.float64),
-        load_local_adapters(context),
+        load_local_adapters(context, config, partition_id),
     )
     metrics[records.NUM_EXAMPLES] = len(data.users)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)

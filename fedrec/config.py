@@ -483,6 +483,12 @@ class FedRecConfig:
             "the server's evaluates the shared part with lora_B = 0",
         )
         _check(
+            not (self.lora.local_b and self.federation.client_data == "device"),
+            "lora.local-b",
+            "is not built for client-data=device: a device neither evaluates nor serves "
+            "with its own lora_B yet",
+        )
+        _check(
             not (self.train.in_batch_negatives and self.dp.enabled),
             "train.in-batch-negatives",
             "cannot be used with dp.enabled: an example's loss would depend on the other "

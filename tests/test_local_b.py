@@ -5,6 +5,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.client_app import evaluate, train
+from clients.local_adapters import load_local_adapters
 from fedrec import records
 from fedrec.config import ConfigError, load_config
 from fedrec.global_model import GlobalModel
@@ -102,8 +103,22 @@ def test_evaluation_uses_the_clients_own_b(fedsa):
     assert all(v.abs().sum() == 0 for v in local_adapter_state(model.encoder).values())
 
 
+def test_a_resumed_run_continues_from_the_b_each_client_kept(fedsa, tmp_path):
+    run_config, config, _, global_adapters = fedsa
+    context = node(run_config, 1)
+    train(message("train", global_adapters), context)
+    assert (tmp_path / "out" / "client-state" / "local-adapters-1.pt").exists()
+
+    restarted = node({**run_config, "resume": True}, 1)  # empty in-memory state
+    assert_same(load_local_adapters(restarted, load_config(restarted.run_config), 1), kept(context))
+    assert load_local_adapters(node(run_config, 1), config, 1) is None  # a fresh run starts afresh
+    assert load_local_adapters(restarted, load_config(restarted.run_config), 2) is None
+
+
 def test_local_b_is_refused_with_ffa_lora_and_without_client_evaluation(tmp_path):
     with pytest.raises(ConfigError, match="lora.local-b.*lora.freeze-a"):
         load_config({"lora.local-b": True, "lora.freeze-a": True, "fraction-evaluate": 1.0})
     with pytest.raises(ConfigError, match="lora.local-b.*fraction-evaluate"):
         load_config({"lora.local-b": True})
+    with pytest.raises(ConfigError, match="lora.local-b.*client-data=device"):
+        load_config({"lora.local-b": True, "fraction-evaluate": 1.0, "client-data": "device"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ LAST_ADAPTERS = "last-adapters.pt"
 LAST_ROUND = "last-round.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` and move the result onto ``path`` (a crash leaves the old file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -29,8 +31,8 @@ def save_last_round(
 ) -> None:
     """Keep the adapters this device sent in ``server_round`` of run ``run_id``."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(state_dir / LAST_ADAPTERS, lambda p: torch.save(dict(adapters), p))
-    _atomic_write(
+    atomic_write(state_dir / LAST_ADAPTERS, lambda p: torch.save(dict(adapters), p))
+    atomic_write(
         state_dir / LAST_ROUND,
         lambda p: p.write_text(json.dumps({"server_round": server_round, "run_id": run_id})),
     )
