@@ -175,6 +175,12 @@ def load_trained(
     run_dir = Path(run_dir)
     config = evaluation_config(run_dir, overrides or {})
     server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
+    if config.lora.local_b:
+        log.warning(
+            "%s trained with lora.local-b: each client's lora_B stayed on the client, so this "
+            "model has the shared adapters only (lora_B = 0), as a client that never trained",
+            run_dir,
+        )
     prepared = prepare(config.data, config.eval)
     recommender = build_recommender(config.model, config.lora, prepared.num_items)
     load_saved_adapter_mean(recommender.encoder, folders)
