@@ -122,3 +122,32 @@ def test_local_b_is_refused_with_ffa_lora_and_without_client_evaluation(tmp_path
         load_config({"lora.local-b": True})
     with pytest.raises(ConfigError, match="lora.local-b.*client-data=device"):
         load_config({"lora.local-b": True, "fraction-evaluate": 1.0, "client-data": "device"})
+
+
+def test_clients_own_evaluations_average_to_the_servers_for_the_same_adapters(tmp_path, task_identity):
+    """What makes a local-b run's federated_hr@10 comparable with another run's hr@10:
+    without local adapters, the user-weighted mean of the clients' evaluations is the
+    server's evaluation (HR and NDCG are means over users)."""
+    from fedrec.client_data import load_client_data
+    from fedrec.local_round import evaluate_local
+
+    groups = {"partition.scheme": "grouped", "partition.num-partitions": PARTITIONS}
+    # top-3 of 10 candidates: top-10 would always hit
+    config = load_config(toy_run_config(tmp_path, **groups, **{"personal.enabled": True, "eval.k": 3}))
+    prepared = prepare(config.data, config.eval)
+    server = GlobalModel(config, prepared)
+    generator = torch.Generator().manual_seed(0)
+    server.set_adapters({k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in server.adapters().items()})
+    central = server.evaluate()
+
+    totals, users = {}, 0
+    for partition in range(PARTITIONS):
+        data = load_client_data(config, prepared, partition, PARTITIONS)
+        metrics = evaluate_local(config, prepared, data, server.adapters())
+        for name in ("hr@3", "ndcg@3", "hr@3_full", "ndcg@3_full"):
+            totals[name] = totals.get(name, 0.0) + metrics[name] * len(data.users)
+        users += len(data.users)
+    assert users == prepared.num_users
+    for name, total in totals.items():
+        assert total / users == pytest.approx(central[name], abs=1e-9), name
+    assert 0 < central["hr@3"] < 1 and 0 < central["hr@3_full"] < 1
