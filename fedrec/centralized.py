@@ -25,6 +25,7 @@ from fedrec.hard_negatives import text_neighbours
 from fedrec.model.build import training_recency
 from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
+from fedrec.records import summary_metrics
 from fedrec.runtime import autocast_dtype, configure_threads
 from fedrec.training import make_loader, make_optimizer, train_local
 
@@ -111,7 +112,8 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
                 metrics = model.evaluate("test")
                 loss = float(sum(losses) / len(losses))
                 history.append({"step": done, "train_loss": loss, "seconds": time.monotonic() - start, **metrics})
-                log.info("step %d: loss %.4f hr@10 %.4f ndcg@10 %.4f", done, loss, metrics["hr@10"], metrics["ndcg@10"])
+                hr, ndcg = summary_metrics(config.eval.k)[:2]
+                log.info("step %d: loss %.4f %s %.4f %s %.4f", done, loss, hr, metrics[hr], ndcg, metrics[ndcg])
                 since_eval, losses = 0, []
     results = {"settings": to_run_config(config), "examples": len(examples), "history": history, "final": history[-1]}
     (out / "centralized.json").write_text(json.dumps(results, indent=2))

@@ -11,10 +11,10 @@ from pathlib import Path
 from fedrec.config import ConfigError
 from fedrec.data.interactions import DataError
 from fedrec.logs import setup_logging
+from fedrec.records import summary_metrics
 
 log = logging.getLogger("fedrec")
 
-SUMMARY = ("train_loss", "hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full", "bytes_up_per_client", "seconds")
 PRIVACY_SUMMARY = ("epsilon_max", "epsilon_median", "epsilon_max_run", "user_epsilon")
 
 
@@ -25,15 +25,16 @@ def _cell(value: object, width: int) -> str:
 def _summary_table(results: dict) -> str:
     """Per-round figures (and the clients' epsilon when DP is on), then the baselines."""
     rounds = results["rounds"]
+    headline = summary_metrics(int(results["settings"].get("eval.k", 10)))
     privacy = [k for k in PRIVACY_SUMMARY if any(k in r for r in rounds)]
-    columns = (*SUMMARY, *privacy)
+    columns = ("train_loss", *headline, "bytes_up_per_client", "seconds", *privacy)
     widths = [max(12, len(c)) for c in columns]
     rows = [f"{'round':>5} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
     for r in rounds:
         cells = (_cell(r.get(c), w) for c, w in zip(columns, widths))
         rows.append(f"{int(r['round']):>5} " + " ".join(cells))
     for name, baseline in results.get("baselines", {}).items():
-        rows.append(f"{name} baseline: " + "  ".join(f"{k} {baseline[k]:.4f}" for k in SUMMARY[1:5]))
+        rows.append(f"{name} baseline: " + "  ".join(f"{k} {baseline[k]:.4f}" for k in headline))
     if privacy:
         last = rounds[-1]
         rows.append(
@@ -155,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     metrics = result["metrics"]
     averaged = f" (mean of rounds {result['averaged_rounds']})" if result["averaged_rounds"] else ""
-    print(f"round {result['round']}{averaged} {result['split']}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY[1:5]))
+    print(f"round {result['round']}{averaged} {result['split']}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in summary_metrics(result["k"])))
     print(f"metrics: {result['file']}")
     return 0
 

@@ -75,3 +75,8 @@ def metric_name(metric: str, k: int | None = None, full: bool = False) -> str:
     name = metric if k is None else f"{metric}@{k}"
     return f"{name}_full" if full else name
 
+
+def summary_metrics(k: int) -> tuple[str, str, str, str]:
+    """The four headline figures at ``k`` (``eval.k``): HR and NDCG, sampled and full ranking."""
+    return (metric_name("hr", k), metric_name("ndcg", k), metric_name("hr", k, True), metric_name("ndcg", k, True))
+

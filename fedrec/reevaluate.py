@@ -65,6 +65,7 @@ def evaluate_run(
         "round": server_round,
         "averaged_rounds": sorted(average_rounds),
         "split": split,
+        "k": config.eval.k,
         "overrides": overrides,
         "metrics": model.evaluate(split),
     }

@@ -32,7 +32,6 @@ log = logging.getLogger("fedrec.server")
 
 app = ServerApp()
 
-SUMMARY_METRICS = ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full")
 DEFAULT_ROUND_TIMEOUT = 3600.0  # Flower's default for Strategy.start
 
 
@@ -187,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
             total,
             # DP clients withhold their loss (a function of their examples)
             f"{values[records.TRAIN_LOSS]:.4f}" if records.TRAIN_LOSS in values else "withheld",
-            "  ".join(f"{m} {metrics[m]:.4f}" for m in SUMMARY_METRICS),
+            "  ".join(f"{m} {metrics[m]:.4f}" for m in records.summary_metrics(config.eval.k)),
             "".join(
                 f"  {k} {values[k]:.4f}"
                 for k in (records.EPSILON_MAX, records.EPSILON_MAX_RUN, records.USER_EPSILON)
