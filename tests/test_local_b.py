@@ -20,7 +20,9 @@ PARTITIONS = 4
 @pytest.fixture()
 def fedsa(tmp_path, task_identity):
     groups = {"partition.scheme": "grouped", "partition.num-partitions": PARTITIONS}
-    run_config = toy_run_config(tmp_path, **{"lora.local-b": True, "fraction-evaluate": 1.0, **groups})
+    # item identities on, as in the private-groups preset: PEFT then also has a modules_to_save table
+    fedsa_settings = {"lora.local-b": True, "fraction-evaluate": 1.0, "model.item-ids": True, **groups}
+    run_config = toy_run_config(tmp_path, **fedsa_settings)
     config = load_config(run_config)
     prepared = prepare(config.data, config.eval)
     return run_config, config, prepared, GlobalModel(config, prepared).adapters()

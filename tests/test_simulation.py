@@ -180,3 +180,28 @@ def test_resume_on_new_interactions_continues_the_run(tmp_path, flwr_home):
     assert resumed["dataset"]["num_train"] > first["dataset"]["num_train"]
     assert resumed["dataset"]["before"] == first["dataset"]
     assert latest_checkpoint(tmp_path / "out")[0] == 2
+
+
+def test_fedsa_lora_through_flwr_run_keeps_each_clients_b_on_the_client(tmp_path, flwr_home):
+    """lora.local-b via `flwr run`: lora_A and the item identities travel and are
+    averaged, every client keeps its own lora_B, and the clients evaluate with it."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = {"lora.local-b": True, "model.item-ids": True, "fraction-train": 1.0, "fraction-evaluate": 1.0,
+                "train.lr": 0.05, "train.max-steps": 4}  # enough for each B to move some ranks
+    results = simulate("smoke", toy_run_config(tmp_path, **settings, **{"eval.k": 3}), stream=False)
+
+    for record in results["rounds"]:
+        assert record["clients"] == 20 and record["failures"] == 0
+        assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"]
+        assert 0 <= record["federated_ndcg@3"] <= 1
+    # the server evaluates lora_B = 0, the clients their own: the figures differ
+    last = results["rounds"][-1]
+    assert (last["federated_ndcg@3"], last["federated_ndcg@3_full"]) != (last["ndcg@3"], last["ndcg@3_full"])
+    saved = load_file(str(latest_checkpoint(tmp_path / "out")[1] / "adapter_model.safetensors"))
+    assert all(v.abs().max() == 0 for k, v in saved.items() if "lora_B" in k)  # no B reached the server
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_A" in k)
+    kept = [torch.load(tmp_path / "out" / "client-state" / f"local-adapters-{p}.pt") for p in range(20)]
+    assert all(all(v.abs().max() > 0 for v in b.values()) for b in kept)
+    assert not torch.equal(*(next(iter(b.values())) for b in kept[:2]))  # each client its own

@@ -109,7 +109,9 @@ def load_local_adapter_state(model: PeftModel, state: dict[str, torch.Tensor] | 
     if state is None:
         state = {k: torch.zeros_like(v) for k, v in expected.items()}
     check_adapter_state(expected, state)
-    set_peft_model_state_dict(model, state)
+    # PEFT loads modules_to_save (the item-identity table) from the same dict, so the
+    # rest of the adapters go in unchanged beside the client's lora_B
+    set_peft_model_state_dict(model, {**get_peft_model_state_dict(model), **state})
 
 
 def check_adapter_state(
