@@ -353,3 +353,10 @@ def test_http_endpoint_in_a_real_process(run_dir, recommender):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_fedrec_evaluate_reports_the_headline_figures_at_eval_k(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run_dir), "--round", "0", "--run-config", "eval.k=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "hr@3 " in printed and "ndcg@3_full " in printed and "hr@10" not in printed
