@@ -102,6 +102,7 @@ def run_local_round(
     configure_threads(config.runtime)
     device = select_device(config.runtime)
     model = cached_recommender(config.model, config.lora, len(table.item_ids)).to(device)
+    model.train()  # the process's evaluations share this model and leave it in eval mode
     load_adapter_state(model.encoder, global_adapters)
     load_local_adapter_state(model.encoder, local_adapters)
     model.item_states = (

@@ -74,3 +74,15 @@ def test_max_epsilon_refuses_the_round_that_would_cross_it(tmp_path):
             state = output.privacy.state
             spent.append(output.privacy.epsilon)
     assert spent and max(spent) <= 3.0 < refusal.value.after
+
+
+def test_a_private_round_after_the_clients_own_evaluation_trains(tmp_path):
+    """With fraction-evaluate > 0 one process evaluates (eval mode) and trains the same
+    cached model in turn; Opacus refuses a model left in eval mode."""
+    from fedrec.local_round import evaluate_local
+
+    config, prepared, start, data = setup(tmp_path, **{"dp.noise-multiplier": 1.2})
+    first = run_local_round(config, data, token_table(prepared, config.model), start, 1)
+    evaluate_local(config, prepared, data, first.adapters)
+    second = run_local_round(config, data, token_table(prepared, config.model), first.adapters, 2, first.privacy.state)
+    assert second.privacy.state.rounds == 2 and second.result.steps == first.result.steps
