@@ -93,25 +93,30 @@ def local_adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     (empty when every adapter is shared)."""
     if not _keeps_b_local(model):
         return OrderedDict()
-    state = get_peft_model_state_dict(model)
-    return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items() if "lora_B" in k)
+    state = _kept_on_client(get_peft_model_state_dict(model))
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+
+
+def _kept_on_client(state: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((k, v) for k, v in state.items() if "lora_B" in k)
 
 
 def load_local_adapter_state(model: PeftModel, state: dict[str, torch.Tensor] | None) -> None:
     """Set the client's own ``lora_B`` (FedSA-LoRA) from what it kept after its last round;
     None: PEFT's initial zeros, as on its first round. Always called, because one model
     object serves many clients in turn. A no-op when every adapter is shared."""
-    expected = local_adapter_state(model)
-    if not expected:
+    if not _keeps_b_local(model):
         if state:
             raise AdapterStateError("local adapters given, but this model shares every adapter (lora.local-b=false)")
         return
+    current = get_peft_model_state_dict(model)
+    expected = _kept_on_client(current)
     if state is None:
         state = {k: torch.zeros_like(v) for k, v in expected.items()}
     check_adapter_state(expected, state)
     # PEFT loads modules_to_save (the item-identity table) from the same dict, so the
     # rest of the adapters go in unchanged beside the client's lora_B
-    set_peft_model_state_dict(model, {**get_peft_model_state_dict(model), **state})
+    set_peft_model_state_dict(model, {**current, **state})
 
 
 def check_adapter_state(
