@@ -15,13 +15,13 @@ from fedrec.prepare import prepare
 from tests.conftest import toy_run_config
 
 PARTITIONS = 4
+GROUPS = {"partition.scheme": "grouped", "partition.num-partitions": PARTITIONS}
 
 
 @pytest.fixture()
 def fedsa(tmp_path, task_identity):
-    groups = {"partition.scheme": "grouped", "partition.num-partitions": PARTITIONS}
     # item identities on, as in the private-groups preset: PEFT then also has a modules_to_save table
-    fedsa_settings = {"lora.local-b": True, "fraction-evaluate": 1.0, "model.item-ids": True, **groups}
+    fedsa_settings = {"lora.local-b": True, "fraction-evaluate": 1.0, "model.item-ids": True, **GROUPS}
     run_config = toy_run_config(tmp_path, **fedsa_settings)
     config = load_config(run_config)
     prepared = prepare(config.data, config.eval)
@@ -133,9 +133,8 @@ def test_clients_own_evaluations_average_to_the_servers_for_the_same_adapters(tm
     from fedrec.client_data import load_client_data
     from fedrec.local_round import evaluate_local
 
-    groups = {"partition.scheme": "grouped", "partition.num-partitions": PARTITIONS}
     # top-3 of 10 candidates: top-10 would always hit
-    config = load_config(toy_run_config(tmp_path, **groups, **{"personal.enabled": True, "eval.k": 3}))
+    config = load_config(toy_run_config(tmp_path, **GROUPS, **{"personal.enabled": True, "eval.k": 3}))
     prepared = prepare(config.data, config.eval)
     server = GlobalModel(config, prepared)
     generator = torch.Generator().manual_seed(0)
