@@ -9,6 +9,8 @@
   kept and scored on the test split.
 
 * ``ease`` and ``item-knn``: item-to-item models (:mod:`fedrec.item_item_baselines`).
+* ``sasrec``: a sequential model over the order of each history
+  (:mod:`fedrec.sequential_baseline`); skipped when no settings are given.
 
 ``fedrec baselines`` runs them and writes ``OUT/baselines.json``.
 """
@@ -28,6 +30,7 @@ from torch import nn
 from fedrec.evaluation import Scorer, evaluate_scorer, popularity_scorer
 from fedrec.item_item_baselines import run_item_item_baselines
 from fedrec.prepare import PreparedData
+from fedrec.sequential_baseline import SasRecSettings, run_sasrec_baseline
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +113,10 @@ def train_bpr_mf(
     return model, history
 
 
-def run_baselines(prepared: PreparedData, settings: BprSettings, out_dir: Path, k: int = 10) -> dict:
-    """Popularity, BPR-MF, EASE and item-kNN on the test split; written to ``out_dir/baselines.json``."""
+def run_baselines(
+    prepared: PreparedData, settings: BprSettings, out_dir: Path, k: int = 10, sasrec: SasRecSettings | None = None
+) -> dict:
+    """Popularity, BPR-MF, EASE, item-kNN (and SASRec) on the test split; written to ``out_dir/baselines.json``."""
     model, history = train_bpr_mf(prepared, settings, k)
     best_epoch = max(history, key=lambda h: h[f"valid_ndcg@{k}"])["epoch"]
     results = {
@@ -125,6 +130,8 @@ def run_baselines(prepared: PreparedData, settings: BprSettings, out_dir: Path, 
         },
         **run_item_item_baselines(prepared, k),
     }
+    if sasrec is not None:
+        results["sasrec"] = run_sasrec_baseline(prepared, sasrec, k)
     if prepared.has_cold_test:  # items held out of training (eval.cold-items)
         results["popularity"]["cold"] = evaluate_scorer(popularity_scorer(prepared), prepared, "cold", k)
         results["bpr-mf"]["cold"] = evaluate_scorer(model.scorer(), prepared, "cold", k)

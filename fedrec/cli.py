@@ -84,15 +84,20 @@ def _baselines(args: argparse.Namespace) -> int:
     from fedrec.baselines import BprSettings, run_baselines
     from fedrec.prepare import prepare
     from fedrec.runtime import configure_threads
+    from fedrec.sequential_baseline import SasRecSettings
     from simulations.runner import parse_overrides, resolve_settings
 
     config, _ = resolve_settings(args.preset, parse_overrides(args.run_config), Path(args.out) if args.out else None)
     configure_threads(config.runtime)
     settings = BprSettings(dim=args.dim, epochs=args.epochs, lr=args.lr, seed=config.federation.seed)
+    sasrec = None
+    if args.sasrec_epochs:
+        sasrec = SasRecSettings(epochs=args.sasrec_epochs, loss=args.sasrec_loss, seed=config.federation.seed)
     out = Path(config.federation.out_dir).expanduser()
-    results = run_baselines(prepare(config.data, config.eval), settings, out, config.eval.k)
+    results = run_baselines(prepare(config.data, config.eval), settings, out, config.eval.k, sasrec)
     k = config.eval.k
-    tested = {"popularity": results["popularity"], **{n: results[n]["test"] for n in ("bpr-mf", "ease", "item-knn")}}
+    learnt = [n for n in ("bpr-mf", "ease", "item-knn", "sasrec") if n in results]
+    tested = {"popularity": results["popularity"], **{n: results[n]["test"] for n in learnt}}
     for name, metrics in tested.items():
         print(f"{name:>10}: " + "  ".join(f"{m} {metrics[m]:.4f}" for m in (f"hr@{k}", f"ndcg@{k}", f"hr@{k}_full", f"ndcg@{k}_full", f"coverage@{k}")))
     print(f"results: {out / 'baselines.json'}")
@@ -243,11 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--steps", type=int, default=200, help="optimizer steps")
     central.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     central.set_defaults(func=_centralized)
-    baselines = sub.add_parser("baselines", help="popularity, BPR-MF, EASE and item-kNN (central, no privacy) by the same evaluation")
+    baselines = sub.add_parser("baselines", help="popularity, BPR-MF, EASE, item-kNN and SASRec (central, no privacy) by the same evaluation")
     common(baselines)
     baselines.add_argument("--epochs", type=int, default=30, help="BPR-MF epochs; the best on validation is kept (default: %(default)s)")
     baselines.add_argument("--dim", type=int, default=64, help="BPR-MF embedding size (default: %(default)s)")
     baselines.add_argument("--lr", type=float, default=5e-3, help="BPR-MF Adam learning rate (default: %(default)s)")
+    baselines.add_argument(
+        "--sasrec-epochs", type=int, default=200, help="SASRec epochs, the best on validation kept; 0 skips it (default: %(default)s)"
+    )
+    baselines.add_argument(
+        "--sasrec-loss", choices=("bce", "ce"), default="bce",
+        help="SASRec loss: the paper's one sampled negative, or a softmax over the catalogue (default: %(default)s)",
+    )
     baselines.set_defaults(func=_baselines)
     sweep = sub.add_parser("sweep", help="utility against privacy budget: a grid of simulations")
     common(sweep)

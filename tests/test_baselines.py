@@ -46,13 +46,14 @@ def test_cli_writes_baselines_json(tmp_path, capsys):
 
     overrides = toy_run_config(tmp_path)
     settings = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
-    assert main(["baselines", "--preset", "smoke", "--epochs", "3", "--run-config", settings]) == 0
+    assert main(["baselines", "--preset", "smoke", "--epochs", "3", "--sasrec-epochs", "2", "--run-config", settings]) == 0
     results = json.loads((tmp_path / "out" / "baselines.json").read_text())
     assert results["bpr-mf"]["best_epoch"] in (1, 2, 3) and len(results["bpr-mf"]["epochs"]) == 3
     assert {"hr@10", "hr@10_full", "coverage@10"} <= set(results["popularity"])
     assert results["ease"]["l2"] > 0 and "hr@10_full" in results["item-knn"]["test"]
+    assert results["sasrec"]["settings"]["epochs"] == 2 and "hr@10_full" in results["sasrec"]["test"]
     printed = capsys.readouterr().out
-    assert "bpr-mf:" in printed and "ease:" in printed and "item-knn:" in printed
+    assert all(f"{name}:" in printed for name in ("bpr-mf", "ease", "item-knn", "sasrec"))
 
 
 def test_ease_weights_solve_the_constrained_least_squares():
