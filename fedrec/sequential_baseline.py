@@ -152,6 +152,53 @@ def _loss(model: SasRec, inputs: torch.Tensor, targets: torch.Tensor, negatives:
     return -(nn.functional.logsigmoid(positive) + nn.functional.logsigmoid(-negative)).mean()
 
 
+@dataclass(frozen=True)
+class NextItemData:
+    """Training sequences of the users with two or more items, and what each user has."""
+
+    sequences: torch.Tensor
+    """[rows, max_len + 1] left-padded tokens: inputs are ``[:, :-1]``, their next items ``[:, 1:]``."""
+    users: np.ndarray
+    """The user of each row."""
+    seen: np.ndarray
+    """[users, items] bool: items never drawn as the user's negatives."""
+
+
+def next_item_data(
+    histories: Sequence[np.ndarray], num_items: int, max_len: int, excluded: Sequence[Sequence[int]] = ()
+) -> NextItemData:
+    """Rows of every user with a next item to predict; ``excluded[u]``: user u's held-out items."""
+    users = np.asarray([u for u, h in enumerate(histories) if len(h) >= 2], dtype=np.int64)
+    if not len(users):
+        raise ValueError("SASRec needs at least one user with two or more training items")
+    seen = np.zeros((len(histories), num_items), dtype=bool)
+    for u, history in enumerate(histories):
+        seen[u, np.asarray(history, dtype=np.int64)] = True
+        seen[u, np.asarray(excluded[u] if excluded else [], dtype=np.int64)] = True
+    return NextItemData(left_padded([histories[u] for u in users], max_len + 1), users, seen)
+
+
+def train_step(
+    model: SasRec, optimizer: torch.optim.Optimizer, data: NextItemData, rows: np.ndarray,
+    rng: np.random.Generator, loss: str,
+) -> float:
+    """One optimizer step on ``rows`` of ``data`` (every position predicts its next item); the loss."""
+    model.train()
+    inputs, targets = data.sequences[rows, :-1], data.sequences[rows, 1:]
+    negatives = _unseen(rng, np.repeat(data.users[rows], targets.shape[1]), data.seen).reshape(len(rows), -1)
+    negatives = torch.from_numpy(negatives + 1).masked_fill(targets == PAD, PAD)
+    value = _loss(model, inputs, targets, negatives, loss)
+    optimizer.zero_grad()
+    value.backward()
+    optimizer.step()
+    return float(value.detach())
+
+
+def new_optimizer(model: SasRec, lr: float) -> torch.optim.Optimizer:
+    """The paper's Adam (beta2 0.98)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+
+
 def train_sasrec(
     histories: Sequence[np.ndarray],
     num_items: int,
@@ -166,33 +213,16 @@ def train_sasrec(
     """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    trainable = [u for u, h in enumerate(histories) if len(h) >= 2]
-    if not trainable:
-        raise ValueError("SASRec needs at least one user with two or more training items")
-    window = settings.max_len + 1  # max_len inputs and their next items
-    sequences = left_padded([histories[u] for u in trainable], window)
-    seen = np.zeros((len(histories), num_items), dtype=bool)
-    for u, history in enumerate(histories):
-        seen[u, np.asarray(history, dtype=np.int64)] = True
-        seen[u, np.asarray(excluded[u] if excluded else [], dtype=np.int64)] = True
-    users = np.asarray(trainable)
+    data = next_item_data(histories, num_items, settings.max_len, excluded)
     model = SasRec(num_items, settings)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=(0.9, 0.98))
+    optimizer = new_optimizer(model, settings.lr)
     best, best_state, history = -np.inf, None, []
     for epoch in range(1, settings.epochs + 1):
         start, total = time.perf_counter(), 0.0
-        model.train()
-        order = rng.permutation(len(users))
+        order = rng.permutation(len(data.users))
         for s in range(0, len(order), settings.batch_size):
             rows = order[s : s + settings.batch_size]
-            inputs, targets = sequences[rows, :-1], sequences[rows, 1:]
-            negatives = _unseen(rng, np.repeat(users[rows], settings.max_len), seen).reshape(len(rows), -1)
-            negatives = torch.from_numpy(negatives + 1).masked_fill(targets == PAD, PAD)
-            loss = _loss(model, inputs, targets, negatives, settings.loss)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(rows)
+            total += train_step(model, optimizer, data, rows, rng, settings.loss) * len(rows)
         if epoch % settings.eval_every and epoch != settings.epochs:
             continue
         score = validate(model)
@@ -205,28 +235,41 @@ def train_sasrec(
     return model, history
 
 
-def run_sasrec_baseline(prepared: PreparedData, settings: SasRecSettings, k: int = 10) -> dict:
-    """SASRec trained on the pooled training split, chosen on validation NDCG@k, scored on test."""
-    train = prepared.all_train_items
+def run_sasrec_baseline(
+    prepared: PreparedData,
+    settings: SasRecSettings,
+    k: int = 10,
+    reorder: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """SASRec trained on the pooled training split, chosen on validation NDCG@k, scored on test.
+
+    ``reorder``, applied to every history the model reads (training, validation
+    and test), is for ablations: e.g. a shuffle removes the order of each
+    history while the held-out items stay each user's latest.
+    """
+
+    def histories(split: str) -> list[np.ndarray]:
+        return [reorder(h) if reorder else h for h in histories_for(prepared, split)]
+
     valid = prepared.holdout("valid")["item_idx"].to_numpy()
     test = prepared.holdout("test")["item_idx"].to_numpy()
-    valid_histories = histories_for(prepared, "valid")
+    valid_histories = histories("valid")  # the training items: SASRec trains on them
 
     def validate(model: SasRec) -> float:
         return evaluate_scorer(sasrec_scorer(model, valid_histories), prepared, "valid", k)[f"ndcg@{k}"]
 
-    excluded = [[int(valid[u]), int(test[u])] for u in range(len(train))]
+    excluded = [[int(valid[u]), int(test[u])] for u in range(len(valid_histories))]
     started = time.perf_counter()
-    model, history = train_sasrec(train, prepared.num_items, settings, validate, excluded)
+    model, history = train_sasrec(valid_histories, prepared.num_items, settings, validate, excluded)
     best = max(history, key=lambda h: h["valid"])
     results = {
         "settings": asdict(settings),
         "best_epoch": best["epoch"],
         "minutes": (time.perf_counter() - started) / 60,
         "validation": evaluate_scorer(sasrec_scorer(model, valid_histories), prepared, "valid", k),
-        "test": evaluate_scorer(sasrec_scorer(model, histories_for(prepared, "test")), prepared, "test", k, beyond=True),
+        "test": evaluate_scorer(sasrec_scorer(model, histories("test")), prepared, "test", k, beyond=True),
         "epochs": history,
     }
     if prepared.has_cold_test:  # items held out of training (eval.cold-items): ID vectors never trained
-        results["cold"] = evaluate_scorer(sasrec_scorer(model, histories_for(prepared, "cold")), prepared, "cold", k)
+        results["cold"] = evaluate_scorer(sasrec_scorer(model, histories("cold")), prepared, "cold", k)
     return results
