@@ -126,17 +126,43 @@ def sasrec_scorer(model: SasRec, histories: Sequence[np.ndarray], batch_size: in
     return score
 
 
-def _unseen(rng: np.random.Generator, users: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """One item per entry of ``users`` that the user never interacted with (``seen``: [users, items] bool).
+@dataclass(frozen=True)
+class SeenItems:
+    """Which items each user has, as sorted ``user * num_items + item`` keys: memory
+    grows with the interactions, not with users x items (ML-20M would need 3.7 GB dense)."""
+
+    keys: np.ndarray
+    counts: np.ndarray
+    """Distinct items of each user."""
+    num_items: int
+
+    @classmethod
+    def of(cls, items_by_user: Sequence[Sequence[int]], num_items: int) -> SeenItems:
+        users = np.concatenate([np.full(len(items), u, dtype=np.int64) for u, items in enumerate(items_by_user)])
+        items = np.concatenate([np.asarray(items, dtype=np.int64) for items in items_by_user])
+        keys = np.unique(users * num_items + items)
+        return cls(keys, np.bincount(keys // num_items, minlength=len(items_by_user)), num_items)
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether each user has the item beside it."""
+        query = users.astype(np.int64) * self.num_items + items
+        if not len(self.keys):
+            return np.zeros(len(query), dtype=bool)
+        found = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+        return self.keys[found] == query
+
+
+def _unseen(rng: np.random.Generator, users: np.ndarray, seen: SeenItems) -> np.ndarray:
+    """One item per entry of ``users`` that the user never interacted with.
 
     A user who has every item gets any item: there is no unseen one to draw.
     """
-    out = rng.integers(0, seen.shape[1], size=len(users))
-    has_unseen = ~seen.all(1)
-    clash = seen[users, out] & has_unseen[users]
+    out = rng.integers(0, seen.num_items, size=len(users))
+    has_unseen = seen.counts < seen.num_items
+    clash = seen.contains(users, out) & has_unseen[users]
     while clash.any():
-        out[clash] = rng.integers(0, seen.shape[1], size=int(clash.sum()))
-        clash = seen[users, out] & has_unseen[users]
+        out[clash] = rng.integers(0, seen.num_items, size=int(clash.sum()))
+        clash = seen.contains(users, out) & has_unseen[users]
     return out
 
 
@@ -160,8 +186,8 @@ class NextItemData:
     """[rows, max_len + 1] left-padded tokens: inputs are ``[:, :-1]``, their next items ``[:, 1:]``."""
     users: np.ndarray
     """The user of each row."""
-    seen: np.ndarray
-    """[users, items] bool: items never drawn as the user's negatives."""
+    seen: SeenItems
+    """Items never drawn as a user's negatives: their history and held-out items."""
 
 
 def next_item_data(
@@ -171,11 +197,8 @@ def next_item_data(
     users = np.asarray([u for u, h in enumerate(histories) if len(h) >= 2], dtype=np.int64)
     if not len(users):
         raise ValueError("SASRec needs at least one user with two or more training items")
-    seen = np.zeros((len(histories), num_items), dtype=bool)
-    for u, history in enumerate(histories):
-        seen[u, np.asarray(history, dtype=np.int64)] = True
-        seen[u, np.asarray(excluded[u] if excluded else [], dtype=np.int64)] = True
-    return NextItemData(left_padded([histories[u] for u in users], max_len + 1), users, seen)
+    known = [np.append(h, excluded[u]) if excluded else h for u, h in enumerate(histories)]
+    return NextItemData(left_padded([histories[u] for u in users], max_len + 1), users, SeenItems.of(known, num_items))
 
 
 def train_step(

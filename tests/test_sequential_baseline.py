@@ -8,6 +8,7 @@ from fedrec.sequential_baseline import (
     PAD,
     SasRec,
     SasRecSettings,
+    SeenItems,
     _unseen,
     left_padded,
     run_sasrec_baseline,
@@ -59,15 +60,15 @@ def test_a_position_never_sees_later_items():
 
 def test_negatives_are_never_items_the_user_has_unless_they_have_every_item():
     rng = np.random.default_rng(0)
-    seen = np.zeros((3, 6), dtype=bool)
-    seen[0, :5] = True  # only item 5 is left
-    seen[1, [1, 2]] = True
-    seen[2, :] = True  # nothing left: any item, and no endless loop
-    users = np.array([0, 1, 2] * 50)
+    # user 0: only item 5 is left; user 2: nothing is left, so any item (and no endless loop)
+    seen = SeenItems.of([[4, 0, 1, 2, 3, 1], [2, 1], list(range(6)), []], num_items=6)
+    users = np.array([0, 1, 2, 3] * 50)
     negatives = _unseen(rng, users, seen)
     assert set(negatives[users == 0]) == {5}
-    assert not seen[1, negatives[users == 1]].any()
+    assert set(negatives[users == 1]) == {0, 3, 4, 5}
     assert len(set(negatives[users == 2])) > 1
+    assert set(negatives[users == 3]) == set(range(6))
+    assert seen.contains(np.array([0, 0, 1, 3]), np.array([3, 5, 2, 0])).tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
