@@ -25,12 +25,8 @@ import numpy as np
 import torch
 
 from fedrec.evaluation import histories_for
-from fedrec.global_model import GlobalModel
 from fedrec.logs import setup_logging
-from fedrec.model.adapters import load_saved_adapter_mean
-from fedrec.prepare import prepare
-from fedrec.runtime import configure_threads
-from fedrec.serving.trained import checkpoint_folders, evaluation_config, run_item_prior
+from fedrec.reevaluate import load_run
 
 FIGURES = ("hr@10", "ndcg@10", "hr@10_full", "hr@10_cold", "ndcg@10_cold", "hr@10_full_cold", "ndcg@10_full_cold")
 
@@ -43,14 +39,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: RUN/evaluations/cold-identities-round-N.json")
     args = parser.parse_args()
     setup_logging()
-    config = evaluation_config(args.model, {"runtime.threads": args.threads})
-    configure_threads(config.runtime)
-    model = GlobalModel(config, prepare(config.data, config.eval))
+    model, server_round = load_run(args.model, args.round, {"runtime.threads": args.threads})
     if not model.prepared.has_cold_test or model.model.item_identity is None:
         raise SystemExit(f"{args.model}: needs a run with eval.cold-items > 0 and model.item-ids = true")
-    server_round, folders = checkpoint_folders(args.model, args.round, ())
-    load_saved_adapter_mean(model.model.encoder, folders)
-    model.item_prior = run_item_prior(args.model, config, model.prepared.num_items)
     interacted = np.unique(np.concatenate(histories_for(model.prepared, "all")))
     never = np.setdiff1d(np.arange(model.prepared.num_items), interacted)
     results = {"round": server_round, "items_without_interactions": len(never)}

@@ -27,6 +27,28 @@ from fedrec.serving.trained import (
 )
 
 
+def load_run(
+    run_dir: Path,
+    server_round: int | None = None,
+    overrides: Mapping[str, RunConfigValue] | None = None,
+    average_rounds: Sequence[int] = (),
+) -> tuple[GlobalModel, int | None]:
+    """A finished run's global model with its checkpoint (or the mean of
+    ``average_rounds``) and item counts loaded, and the round loaded.
+
+    ``server_round=0``: the pretrained model with the run's settings (no adapters
+    loaded); None: the newest checkpoint.
+    """
+    config = evaluation_config(run_dir, dict(overrides or {}))
+    configure_threads(config.runtime)
+    model = GlobalModel(config, prepare(config.data, config.eval))
+    if server_round != 0 or average_rounds:  # round 0: the adapters as initialised, i.e. the pretrained model
+        server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
+        load_saved_adapter_mean(model.model.encoder, folders)
+    model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
+    return model, server_round
+
+
 def evaluate_run(
     run_dir: Path,
     server_round: int | None = None,
@@ -53,19 +75,13 @@ def evaluate_run(
         raise ValueError(f"split must be test or valid, not {split!r}")
     run_dir = Path(run_dir)
     overrides = dict(overrides or {})
-    config = evaluation_config(run_dir, overrides)
-    configure_threads(config.runtime)
-    model = GlobalModel(config, prepare(config.data, config.eval))
-    if server_round != 0 or average_rounds:  # round 0: the adapters as initialised, i.e. the pretrained model
-        server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
-        load_saved_adapter_mean(model.model.encoder, folders)
-    model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
+    model, server_round = load_run(run_dir, server_round, overrides, average_rounds)
     result = {
         "run": str(run_dir),
         "round": server_round,
         "averaged_rounds": sorted(average_rounds),
         "split": split,
-        "k": config.eval.k,
+        "k": model.config.eval.k,
         "overrides": overrides,
         "metrics": model.evaluate(split),
     }
