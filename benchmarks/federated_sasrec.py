@@ -36,8 +36,10 @@ from fedrec.logs import setup_logging
 from fedrec.prepare import prepare
 from fedrec.runtime import configure_threads
 from fedrec.sequential_baseline import (
+    PAD,
     SasRec,
     SasRecSettings,
+    held_out_items,
     new_optimizer,
     next_item_data,
     sasrec_scorer,
@@ -75,11 +77,9 @@ def main() -> None:
     settings = SasRecSettings(seed=args.seed, lr=args.lr)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    valid = prepared.holdout("valid")["item_idx"].to_numpy()
-    test = prepared.holdout("test")["item_idx"].to_numpy()
     train = histories_for(prepared, "valid")
-    data = next_item_data(train, prepared.num_items, settings.max_len, [[int(v), int(t)] for v, t in zip(valid, test)])
-    examples = (data.sequences[:, 1:] != 0).sum(1).numpy()  # next-item examples of each client
+    data = next_item_data(train, prepared.num_items, settings.max_len, held_out_items(prepared))
+    examples = (data.sequences[:, 1:] != PAD).sum(1).numpy()  # next-item examples of each client
     model = SasRec(prepared.num_items, settings)
     local = copy.deepcopy(model)
     curve, best, best_state, started = [], -np.inf, None, time.perf_counter()

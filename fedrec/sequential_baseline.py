@@ -258,6 +258,13 @@ def train_sasrec(
     return model, history
 
 
+def held_out_items(prepared: PreparedData) -> list[list[int]]:
+    """Each user's validation and test items: never drawn as their training negatives."""
+    valid = prepared.holdout("valid")["item_idx"].to_numpy()
+    test = prepared.holdout("test")["item_idx"].to_numpy()
+    return [[int(v), int(t)] for v, t in zip(valid, test)]
+
+
 def run_sasrec_baseline(
     prepared: PreparedData,
     settings: SasRecSettings,
@@ -274,16 +281,13 @@ def run_sasrec_baseline(
     def histories(split: str) -> list[np.ndarray]:
         return [reorder(h) if reorder else h for h in histories_for(prepared, split)]
 
-    valid = prepared.holdout("valid")["item_idx"].to_numpy()
-    test = prepared.holdout("test")["item_idx"].to_numpy()
     valid_histories = histories("valid")  # the training items: SASRec trains on them
 
     def validate(model: SasRec) -> float:
         return evaluate_scorer(sasrec_scorer(model, valid_histories), prepared, "valid", k)[f"ndcg@{k}"]
 
-    excluded = [[int(valid[u]), int(test[u])] for u in range(len(valid_histories))]
     started = time.perf_counter()
-    model, history = train_sasrec(valid_histories, prepared.num_items, settings, validate, excluded)
+    model, history = train_sasrec(valid_histories, prepared.num_items, settings, validate, held_out_items(prepared))
     best = max(history, key=lambda h: h["valid"])
     results = {
         "settings": asdict(settings),
