@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fedrec.config import FedRecConfig, to_run_config
+from fedrec.evaluation import encode_items
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
 from fedrec.hard_negatives import text_neighbours
@@ -56,6 +57,14 @@ class _Endless:
             return next(self.current)
 
 
+def _item_vectors(model: GlobalModel) -> torch.Tensor | None:
+    """The catalogue's current embeddings when the model has a sequence tower (which
+    reads them as histories, not differentiated), else None."""
+    if model.model.sequence_tower is None:
+        return None
+    return encode_items(model.model, model.table, model.device).cpu()
+
+
 def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict[str, Any]:
     """Train for ``steps`` optimizer steps on all users' examples; evaluate periodically."""
     configure_threads(config.runtime)
@@ -80,6 +89,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
         config.federation.seed,
         neighbours,
         config.train.hard_negatives,
+        _item_vectors(model),
     )
     torch.manual_seed(config.federation.seed)
     batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))
@@ -115,6 +125,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
                 hr, ndcg = summary_metrics(config.eval.k)[:2]
                 log.info("step %d: loss %.4f %s %.4f %s %.4f", done, loss, hr, metrics[hr], ndcg, metrics[ndcg])
                 since_eval, losses = 0, []
+                dataset.item_vectors = _item_vectors(model)  # the tower reads the current item space
     results = {"settings": to_run_config(config), "examples": len(examples), "history": history, "final": history[-1]}
     (out / "centralized.json").write_text(json.dumps(results, indent=2))
     return results

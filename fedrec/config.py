@@ -140,6 +140,14 @@ class ModelConfig:
     """With ``item-ids``: 0, a full [items, hidden] table; r > 0, low-rank vectors (an
     [items, r] table times a shared [hidden, r] projection), uploading items x r +
     hidden x r floats and concentrating DP-SGD's clipped gradients on fewer coordinates."""
+    sequence_layers: int = 0
+    """0: off. L > 0: a sequential user tower, L self-attention blocks over the
+    embeddings of the user's last ``history-items`` items in order, whose reading at
+    the most recent item is added to the user embedding; trained, sent and averaged
+    with the adapters (:mod:`fedrec.model.sequence_tower`)."""
+    sequence_dim: int = 64
+    """Width of the sequence tower's blocks (its upload: about
+    2 x hidden x dim + L x 6 x dim^2 floats)."""
 
     def __post_init__(self) -> None:
         _check(self.max_item_tokens >= 4, "model.max-item-tokens", "must be >= 4")
@@ -150,6 +158,8 @@ class ModelConfig:
         _check(self.temperature > 0, "model.temperature", "must be > 0")
         _check(self.item_id_rank >= 0, "model.item-id-rank", "must be >= 0 (0: a full table)")
         _check(self.item_ids or not self.item_id_rank, "model.item-id-rank", "needs model.item-ids = true")
+        _check(self.sequence_layers >= 0, "model.sequence-layers", "must be >= 0 (0: off)")
+        _check(self.sequence_dim >= 1, "model.sequence-dim", "must be >= 1")
 
 
 @dataclass(frozen=True)

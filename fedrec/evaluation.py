@@ -20,6 +20,7 @@ from fedrec.examples import padded_history
 from fedrec.metrics import beyond_accuracy, ranking_metrics, target_ranks
 from fedrec.model.personal_vector import personalise
 from fedrec.model.recommender import TwoTowerRecommender
+from fedrec.model.sequence_tower import history_vectors
 from fedrec.prepare import PreparedData
 from fedrec.tokens import TokenTable, history_tokens
 
@@ -103,22 +104,34 @@ def popularity_scorer(prepared: PreparedData) -> Scorer:
 
 @torch.no_grad()
 def encode_items(
-    model: TwoTowerRecommender, table: TokenTable, device: torch.device, batch_size: int = 256
+    model: TwoTowerRecommender,
+    table: TokenTable,
+    device: torch.device,
+    batch_size: int = 256,
+    only: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Embeddings of every item in the catalogue, [I, D] on ``device``."""
+    """Embeddings of every item in the catalogue, [I, D] on ``device`` (``only``: of
+    those catalogue indices, the other rows zero)."""
     model.eval()
     ids = torch.from_numpy(table.item_ids.astype(np.int64))
     mask = torch.from_numpy(table.item_mask.astype(np.int64))
-    indices = torch.arange(len(ids))
+    indices = torch.arange(len(ids)) if only is None else torch.from_numpy(np.unique(only).astype(np.int64))
     out = [
         model.embed_items(
-            ids[s : s + batch_size].to(device),
-            mask[s : s + batch_size].to(device),
+            ids[indices[s : s + batch_size]].to(device),
+            mask[indices[s : s + batch_size]].to(device),
             indices[s : s + batch_size].to(device),
         )
-        for s in range(0, len(ids), batch_size)
+        for s in range(0, len(indices), batch_size)
     ]
-    return torch.cat(out)
+    if not out:
+        raise ValueError("no items to encode (an empty 'only')")
+    encoded = torch.cat(out)
+    if only is None:
+        return encoded
+    rows = encoded.new_zeros(len(ids), encoded.shape[1])
+    rows[indices.to(device)] = encoded
+    return rows
 
 
 @torch.no_grad()
@@ -130,8 +143,10 @@ def encode_users(
     max_user_tokens: int,
     device: torch.device,
     batch_size: int = 128,
+    item_vectors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Embeddings of users from their chronological histories, [U, D]."""
+    """Embeddings of users from their chronological histories, [U, D]
+    (``item_vectors`` [I, D]: the catalogue's embeddings, which a sequence tower reads)."""
     model.eval()
     out = []
     for s in range(0, len(histories), batch_size):
@@ -142,7 +157,8 @@ def encode_users(
         padded = [padded_history(items, history_items) for items in recent_first]
         history = torch.from_numpy(np.stack([p[0] for p in padded])).to(device)
         history_mask = torch.from_numpy(np.stack([p[1] for p in padded])).to(device)
-        out.append(model.embed_users(ids, mask, history, history_mask))
+        vectors = None if item_vectors is None else history_vectors(item_vectors, history, history_mask)
+        out.append(model.embed_users(ids, mask, history, history_mask, vectors))
     return torch.cat(out)
 
 
@@ -172,7 +188,13 @@ def model_scorer(
         missing = [int(u) for u in users if int(u) not in encoded]
         if missing:
             vectors = encode_users(
-                model, table, [histories[u] for u in missing], history_items, max_user_tokens, device
+                model,
+                table,
+                [histories[u] for u in missing],
+                history_items,
+                max_user_tokens,
+                device,
+                item_vectors=items,
             )
             if personal is not None and personal.active:
                 vectors = personalise(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedrec.model.sequence_tower import history_vectors
 from fedrec.tokens import TokenTable, history_tokens
 
 
@@ -54,9 +55,12 @@ class NextItemDataset(Dataset):
         seed: int,
         neighbours: np.ndarray | None = None,
         hard_negatives: int = 0,
+        item_vectors: torch.Tensor | None = None,
     ) -> None:
         """``neighbours`` [I, pool]: each item's nearest items, from which
-        ``hard_negatives`` of each example's negatives are drawn (the rest uniformly)."""
+        ``hard_negatives`` of each example's negatives are drawn (the rest uniformly).
+        ``item_vectors`` [I, D]: item embeddings, of which each example then carries
+        its history's (``history_vectors``, for a sequence tower)."""
         if hard_negatives and neighbours is None:
             raise ValueError("hard_negatives needs the items' neighbours")
         self.neighbours = neighbours
@@ -67,6 +71,7 @@ class NextItemDataset(Dataset):
         self.max_user_tokens = max_user_tokens
         self.num_items = table.item_ids.shape[0]
         self.history_width = max((len(e.history) for e in examples), default=1)
+        self.item_vectors = None if item_vectors is None else item_vectors.detach().float().cpu()
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -100,6 +105,10 @@ class NextItemDataset(Dataset):
         user_ids, user_mask = history_tokens(self.table, example.history, self.max_user_tokens)
         candidates = np.concatenate([[example.positive], self._negatives(example.user_items, example.positive)])
         history, history_mask = padded_history(example.history, self.history_width)
+        vectors = {}
+        if self.item_vectors is not None:
+            rows = history_vectors(self.item_vectors, torch.from_numpy(history), torch.from_numpy(history_mask))
+            vectors["history_vectors"] = rows
         return {
             "user_ids": torch.from_numpy(user_ids.astype(np.int64)),
             "user_mask": torch.from_numpy(user_mask.astype(np.int64)),
@@ -109,6 +118,7 @@ class NextItemDataset(Dataset):
             "history": torch.from_numpy(history),
             "history_mask": torch.from_numpy(history_mask),
             "user": torch.tensor(example.user, dtype=torch.int64),
+            **vectors,
         }
 
 

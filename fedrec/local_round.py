@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedrec.client_data import ClientData
 from fedrec.config import FedRecConfig
-from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
+from fedrec.evaluation import encode_items, evaluate_scorer, histories_for, model_scorer
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.hard_negatives import cached_text_neighbours
 from fedrec.item_counts import planned_releases, popularity_prior
@@ -28,6 +28,7 @@ from fedrec.model.build import (
     token_table,
     training_recency,
 )
+from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData
 from fedrec.privacy.accounting import AccountantState, delta_for, epsilon
 from fedrec.privacy.budget import check_budget, noise_for, planned_steps
@@ -126,6 +127,7 @@ def run_local_round(
         seed,
         neighbours,
         config.train.hard_negatives,
+        _own_item_vectors(model, table, data, device),
     )
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)
@@ -143,6 +145,23 @@ def run_local_round(
     return RoundOutput(
         adapter_state(model.encoder), result, len(examples), report, local_adapter_state(model.encoder)
     )
+
+
+def _own_item_vectors(
+    model: TwoTowerRecommender, table: TokenTable, data: ClientData, device: torch.device
+) -> torch.Tensor | None:
+    """The embeddings [I, D] of this client's own items under the received model
+    (other rows zero), which a sequence tower reads as its histories; None without one.
+
+    Computed once a round, not differentiated: the tower learns on top of the item
+    space it received (:mod:`fedrec.model.sequence_tower`).
+    """
+    if model.sequence_tower is None:
+        return None
+    own = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in data.sequences]))
+    vectors = encode_items(model, table, device, only=own)
+    model.train()  # encode_items leaves the model in evaluation mode
+    return vectors
 
 
 def _train_privately(

@@ -19,7 +19,16 @@ from fedrec.examples import NextItemDataset
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 from fedrec.proximal import proximal_term
 
-BATCH_KEYS = ("user_ids", "user_mask", "item_ids", "item_mask", "items", "history", "history_mask")
+BATCH_KEYS = (
+    "user_ids",
+    "user_mask",
+    "item_ids",
+    "item_mask",
+    "items",
+    "history",
+    "history_mask",
+    "history_vectors",
+)
 """The model's inputs, in the order of its ``forward``."""
 
 

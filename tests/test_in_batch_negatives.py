@@ -8,13 +8,13 @@ from torch.utils.data._utils.collate import default_collate
 
 from fedrec.config import ConfigError, TrainConfig, load_config
 from fedrec.training import BATCH_KEYS, make_optimizer, train_local
-from tests.privacy.test_per_sample_gradients import fixed_examples, prepare
+from tests.privacy.test_per_sample_gradients import fixed_examples, inputs, prepare
 
 
 def test_logits_cover_the_whole_batch_and_mask_the_users_own_items(recommender, table, sequences):
     model = prepare(recommender).eval()
     batch = default_collate(fixed_examples(table, sequences, 6))
-    logits, target = model.in_batch_logits(*(batch[k] for k in BATCH_KEYS), batch["user"])
+    logits, target = model.in_batch_logits(*inputs(batch, BATCH_KEYS), batch["user"])
     size, columns = batch["items"].shape
     assert logits.shape == (size, size * columns)
     assert target.tolist() == [b * columns for b in range(size)]

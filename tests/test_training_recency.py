@@ -19,6 +19,7 @@ from fedrec.training import BATCH_KEYS
 from tests.conftest import TINY, toy_run_config
 from tests.privacy.test_per_sample_gradients import (
     fixed_examples,
+    inputs,
     opacus_gradients,
     per_example_gradients,
     prepare,
@@ -37,10 +38,10 @@ def top_lora_model():
 def test_training_logits_use_the_devices_recency_term(top_lora_model, table, sequences):
     model = with_cache(top_lora_model, table)
     batch = default_collate(fixed_examples(table, sequences, 6))
-    inputs = [batch[k] for k in BATCH_KEYS]
-    plain = model(*inputs).detach()
+    model_inputs = inputs(batch, BATCH_KEYS)
+    plain = model(*model_inputs).detach()
     model.recency = RECENT
-    logits = model(*inputs).detach()
+    logits = model(*model_inputs).detach()
 
     # independently: the device's term (personal_vector.personalise) on the catalogue embeddings
     catalogue = encode_items(model, table, torch.device("cpu"))
@@ -60,7 +61,7 @@ def test_recency_needs_the_frozen_item_cache(top_lora_model, table, sequences):
     top_lora_model.recency = RECENT
     batch = default_collate(fixed_examples(table, sequences, 2))
     with pytest.raises(ValueError, match="frozen-layer item cache"):
-        top_lora_model(*(batch[k] for k in BATCH_KEYS))
+        top_lora_model(*inputs(batch, BATCH_KEYS))
 
 
 def test_opacus_per_sample_gradients_with_the_recency_term(top_lora_model, table, sequences):

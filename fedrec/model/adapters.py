@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from fedrec.config import LoraSettings
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
+from fedrec.model.sequence_tower import MODULE_NAME as SEQUENCE_TOWER
 
 
 class AdapterStateError(ValueError):
@@ -52,10 +53,11 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     travels: :func:`adapter_state` leaves ``lora_B`` out and
     :func:`local_adapter_state` holds it.
 
-    An item-identity table on the encoder (``model.item-ids``) becomes a PEFT
-    ``modules_to_save`` module: trained, saved and exchanged with the adapters.
+    An item-identity table (``model.item-ids``) or a sequence tower
+    (``model.sequence-layers``) on the encoder becomes a PEFT ``modules_to_save``
+    module: trained, saved and exchanged with the adapters.
     """
-    extra = [ITEM_IDENTITY] if hasattr(encoder, ITEM_IDENTITY) else None
+    extra = [name for name in (ITEM_IDENTITY, SEQUENCE_TOWER) if hasattr(encoder, name)] or None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = get_peft_model(encoder, lora_config(settings, extra))

@@ -23,6 +23,7 @@ from fedrec.model.frozen_cache import (
 )
 from fedrec.model.item_identity import attach_item_identity
 from fedrec.model.recommender import RecencyTerm, TwoTowerRecommender
+from fedrec.model.sequence_tower import attach_sequence_tower
 from fedrec.tokens import TokenTable, build_token_table
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def build_recommender(model: ModelConfig, lora: LoraSettings, num_items: int = 0
         if num_items < 1:
             raise ValueError("model.item-ids needs the catalogue size: pass num_items")
         attach_item_identity(encoder, num_items, model.item_id_rank)
+    if model.sequence_layers:
+        attach_sequence_tower(encoder, model.history_items, model.sequence_dim, model.sequence_layers)
     return TwoTowerRecommender(add_lora(encoder, lora), temperature=model.temperature)
 
 

@@ -11,6 +11,9 @@
 * Optional item identity (``model.item-ids``, :mod:`fedrec.model.item_identity`):
   a learned vector per item added to the item's text embedding, and the mean of
   the history items' vectors to the user's.
+* Optional sequential user tower (``model.sequence-layers``,
+  :mod:`fedrec.model.sequence_tower`): self-attention over the embeddings of the
+  user's last items, in order, adds a term to the user embedding.
 * Optional recency term in training (:class:`RecencyTerm`, ``train.recent-items``):
   the term a device adds to its user embedding at evaluation and serving
   (``personal.recent-items``, :mod:`fedrec.model.personal_vector`), added during
@@ -35,6 +38,7 @@ from fedrec.model.item_identity import (
     with_identity,
 )
 from fedrec.model.pooling import mean_pool, unit_mean_pool
+from fedrec.model.sequence_tower import find_sequence_tower
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class TwoTowerRecommender(nn.Module):
         items: torch.Tensor | None = None,
         history: torch.Tensor | None = None,
         history_mask: torch.Tensor | None = None,
+        history_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C] of C candidate items per user (column 0: the positive).
 
@@ -93,9 +98,10 @@ class TwoTowerRecommender(nn.Module):
         ``items``: the candidates' catalogue indices [B, C], which let the item
         tower start from :attr:`item_states` when it is set; ``history`` and
         ``history_mask`` [B, H]: the history items' catalogue indices, which the
-        item-identity table needs.
+        item-identity table needs; ``history_vectors`` [B, H, D]: their embeddings,
+        which the sequence tower reads.
         """
-        users = self.query_users(user_ids, user_mask, history, history_mask)
+        users = self.query_users(user_ids, user_mask, history, history_mask, history_vectors)
         return torch.einsum("bd,bcd->bc", users, self.embed_candidates(item_ids, item_mask, items)) / self.temperature
 
     def in_batch_logits(
@@ -107,6 +113,7 @@ class TwoTowerRecommender(nn.Module):
         items: torch.Tensor,
         history: torch.Tensor,
         history_mask: torch.Tensor,
+        history_vectors: torch.Tensor | None = None,
         users: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, B*C] of each user against every candidate of the batch, and the
@@ -118,7 +125,7 @@ class TwoTowerRecommender(nn.Module):
         A client holding one user's examples would otherwise learn to rank the
         user's later items low.
         """
-        queries = self.query_users(user_ids, user_mask, history, history_mask)
+        queries = self.query_users(user_ids, user_mask, history, history_mask, history_vectors)
         candidates = self.embed_candidates(item_ids, item_mask, items)
         size, columns = items.shape
         logits = queries @ candidates.reshape(size * columns, -1).T / self.temperature
@@ -140,15 +147,28 @@ class TwoTowerRecommender(nn.Module):
         user_mask: torch.Tensor,
         history: torch.Tensor | None = None,
         history_mask: torch.Tensor | None = None,
+        history_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User embeddings [B, D] from history texts (and history items' identities)."""
+        """User embeddings [B, D] from history texts (and history items' identities;
+        with a sequence tower, plus its term of the history items' embeddings
+        ``history_vectors`` [B, H, D], most recent first)."""
         users = self.embed(user_ids, user_mask)
         identity = self.item_identity
-        if identity is None:
+        if identity is not None:
+            if history is None or history_mask is None:
+                raise ValueError("a model with item identities needs the history items' indices")
+            users = with_identity(users, pooled_identity(identity, history, history_mask))
+        tower = self.sequence_tower
+        if tower is None:
             return users
-        if history is None or history_mask is None:
-            raise ValueError("a model with item identities needs the history items' indices")
-        return with_identity(users, pooled_identity(identity, history, history_mask))
+        if history_vectors is None or history_mask is None:
+            raise ValueError("a model with a sequence tower needs the history items' embeddings (history_vectors)")
+        return nn.functional.normalize(users.float() + tower(history_vectors, history_mask).float(), dim=-1)
+
+    @property
+    def sequence_tower(self) -> nn.Module | None:
+        """The sequential user tower (``model.sequence-layers``), or None without one."""
+        return find_sequence_tower(self.encoder)
 
     def query_users(
         self,
@@ -156,10 +176,11 @@ class TwoTowerRecommender(nn.Module):
         user_mask: torch.Tensor,
         history: torch.Tensor | None = None,
         history_mask: torch.Tensor | None = None,
+        history_vectors: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The user embeddings [B, D] that training ranks with: :meth:`embed_users`
         plus :attr:`recency` when set, normalised as the device's term is."""
-        users = self.embed_users(user_ids, user_mask, history, history_mask)
+        users = self.embed_users(user_ids, user_mask, history, history_mask, history_vectors)
         if self.recency is None:
             return users
         if history is None or history_mask is None:

@@ -156,7 +156,13 @@ def attack_scores(
     """(calibrated, raw) attack scores of every example under ``model``."""
     items = encode_items(model, table, device)
     users = encode_users(
-        model, table, examples.histories, config.model.history_items, config.model.max_user_tokens, device
+        model,
+        table,
+        examples.histories,
+        config.model.history_items,
+        config.model.max_user_tokens,
+        device,
+        item_vectors=items,
     )
     scores = (users @ items.T).double().cpu().numpy()  # [n, I]
     raw = scores[np.arange(len(scores)), examples.targets]

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
+from fedrec.model.sequence_tower import MODULE_NAME as SEQUENCE_TOWER
 from fedrec.privacy.accounting import AccountantState, restore
 from fedrec.privacy.config import PrivacyConfig
 
@@ -61,12 +62,13 @@ _MODULE_ATTRS = (
 
 def check_trainable_adapters(model: nn.Module) -> None:
     """Raise ValueError unless the trainable parameters are what travels: LoRA
-    adapters and (``model.item-ids``) the item-identity table."""
+    adapters, (``model.item-ids``) the item-identity table and
+    (``model.sequence-layers``) the sequence tower."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
     for name in trainable:
-        if "lora_" not in name and f"{ITEM_IDENTITY}.modules_to_save" not in name:
+        if "lora_" not in name and not any(f"{m}.modules_to_save" in name for m in (ITEM_IDENTITY, SEQUENCE_TOWER)):
             raise ValueError(
                 f"parameter '{name}' is trainable but is not a LoRA adapter; "
                 "DP-SGD here trains (and accounts for) the adapters only"

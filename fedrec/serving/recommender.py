@@ -27,6 +27,7 @@ from fedrec.evaluation import histories_for
 from fedrec.examples import padded_history
 from fedrec.model.encoder import load_tokenizer
 from fedrec.model.personal_vector import personalise
+from fedrec.model.sequence_tower import history_vectors
 from fedrec.serving.index import item_index
 from fedrec.serving.trained import TrainedModel, load_trained
 from fedrec.tokens import join_titles
@@ -167,12 +168,14 @@ class Recommender:
         ids, mask = join_titles(self.trained.table, recent_first, settings.max_user_tokens)
         # item identities (model.item-ids) exist for catalogue items only, not free text
         known, known_mask = padded_history(np.asarray(history)[-settings.history_items :][::-1], settings.history_items)
+        known, known_mask = torch.from_numpy(known[None]), torch.from_numpy(known_mask[None])
         with self._lock:
             vector = self.trained.model.embed_users(
                 torch.from_numpy(ids[None].astype(np.int64)),
                 torch.from_numpy(mask[None].astype(np.int64)),
-                torch.from_numpy(known[None]),
-                torch.from_numpy(known_mask[None]),
+                known,
+                known_mask,
+                history_vectors(self.items, known, known_mask),
             )
         if self.personal.active and len(history):
             vector = personalise(

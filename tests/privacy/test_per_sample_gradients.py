@@ -48,6 +48,12 @@ def prepare(model):
     return model
 
 
+def inputs(batch, keys, rows=slice(None)):
+    """The model's positional inputs ``keys`` of ``batch`` (rows ``rows``); None where
+    the batch has no such key (e.g. ``history_vectors`` without a sequence tower)."""
+    return [batch[k][rows] if k in batch else None for k in keys]
+
+
 def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -57,7 +63,7 @@ def per_example_gradients(model, batch, keys=KEYS):
     grads = {name: [] for name in trainable(model)}
     for i in range(batch["user_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
-        logits = model(*(batch[k][i : i + 1] for k in keys))
+        logits = model(*inputs(batch, keys, slice(i, i + 1)))
         nn.functional.cross_entropy(logits, torch.zeros(1, dtype=torch.long)).backward()
         for name, p in trainable(model).items():
             grads[name].append(p.grad.detach().clone())
@@ -72,7 +78,7 @@ def opacus_gradients(model, batch, mode, keys=KEYS):
         reduction = "sum"
     else:  # the production wrapping: make_private with train_local's mean loss
         optimizer = torch.optim.SGD(list(trainable(model).values()), lr=0.1)
-        examples = [{k: batch[k][i] for k in keys} for i in range(size)]
+        examples = [{k: batch[k][i] for k in keys if k in batch} for i in range(size)]
         wrapped, *_ = make_private(
             model,
             optimizer,
@@ -82,7 +88,7 @@ def opacus_gradients(model, batch, mode, keys=KEYS):
             state=AccountantState(),
         )
         reduction = "mean"
-    logits = wrapped(*(batch[k] for k in keys))
+    logits = wrapped(*inputs(batch, keys))
     target = torch.zeros(size, dtype=torch.long)
     nn.functional.cross_entropy(logits, target, reduction=reduction).backward()
     samples = {name: p.grad_sample.detach().clone() for name, p in trainable(model).items()}
