@@ -105,3 +105,29 @@ def toy_prepared(tmp_path):
 
     config = load_config(toy_run_config(tmp_path))
     return config, prepare(config.data, config.eval)
+
+
+def toy_server(folder, **overrides):
+    """(config, prepared data, token table, server's GlobalModel) of the toy dataset with
+    the tiny model and these run-config overrides."""
+    from fedrec.config import load_config
+    from fedrec.global_model import GlobalModel
+    from fedrec.model.build import token_table
+    from fedrec.prepare import prepare
+
+    config = load_config(toy_run_config(folder, **overrides))
+    prepared = prepare(config.data, config.eval)
+    return config, prepared, token_table(prepared, config.model), GlobalModel(config, prepared)
+
+
+def client_round_evaluated_by_server(config, prepared, table, server, start):
+    """Partition 0's first round on the adapters ``start``; the server then takes its
+    upload (its own validation accepts it) and evaluates it. Returns the round's output."""
+    from fedrec.client_data import load_client_data
+    from fedrec.local_round import run_local_round
+
+    out = run_local_round(config, load_client_data(config, prepared, 0, 24), table, start, server_round=1)
+    server.set_adapters(out.adapters)
+    metrics = server.evaluate("test")
+    assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
+    return out

@@ -7,23 +7,25 @@ import pytest
 import torch
 from torch.utils.data._utils.collate import default_collate
 
-from fedrec.client_data import load_client_data
 from fedrec.config import TrainConfig, load_config
 from fedrec.errors import ConfigError
-from fedrec.global_model import GlobalModel
-from fedrec.local_round import run_local_round
 from fedrec.model.adapters import (
     adapter_state,
     load_adapter_state,
     load_saved_adapter,
     save_adapter,
 )
-from fedrec.model.build import build_recommender, token_table
+from fedrec.model.build import build_recommender
 from fedrec.model.encoder import tiny_bert_config
 from fedrec.model.recommender import TwoTowerRecommender
-from fedrec.prepare import prepare as prepare_data
 from fedrec.training import make_optimizer, train_local
-from tests.conftest import LORA, TINY, toy_run_config
+from tests.conftest import (
+    LORA,
+    TINY,
+    client_round_evaluated_by_server,
+    toy_run_config,
+    toy_server,
+)
 from tests.privacy.test_per_sample_gradients import (
     fixed_examples,
     opacus_gradients,
@@ -151,26 +153,19 @@ def test_the_table_travels_in_checkpoints_and_survives_merging_for_serving(tmp_p
 
 @pytest.mark.parametrize(("private", "rank"), [(False, 0), (True, 0), (True, 4)])
 def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, private, rank):
-    settings = toy_run_config(
+    config, prepared, table, server = toy_server(
         tmp_path,
         **{"model.item-ids": True, "model.item-id-rank": rank, "train.id-lr": 0.01, "dp.enabled": private},
     )
-    config = load_config(settings)
-    prepared = prepare_data(config.data, config.eval)
-    table = token_table(prepared, config.model)
-    server = GlobalModel(config, prepared)
     start = server.adapters()
     assert start[TABLE_KEY].shape == (prepared.num_items, rank or HIDDEN)
     if rank:  # only the low-rank factors travel, no items x hidden table
         assert start[PROJECTION_KEY].shape == (HIDDEN, rank)
     else:
         assert PROJECTION_KEY not in start
-    out = run_local_round(config, load_client_data(config, prepared, 0, 24), table, start, server_round=1)
+    out = client_round_evaluated_by_server(config, prepared, table, server, start)
     assert out.adapters[TABLE_KEY].abs().max() > 0
     assert (out.privacy is not None) == private
-    server.set_adapters(out.adapters)  # the server's own validation accepts it
-    metrics = server.evaluate("test")
-    assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
 
 
 def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthonormal_projection(table, sequences):

@@ -14,8 +14,6 @@ from fedrec.config import load_config
 from fedrec.errors import ConfigError
 from fedrec.evaluation import encode_items, encode_users
 from fedrec.examples import NextItemDataset, build_examples
-from fedrec.global_model import GlobalModel
-from fedrec.local_round import run_local_round
 from fedrec.model.adapters import (
     adapter_state,
     load_adapter_state,
@@ -28,9 +26,16 @@ from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.model.sequence_tower import SequenceTower
 from fedrec.prepare import prepare as prepare_data
 from fedrec.training import BATCH_KEYS
-from tests.conftest import LORA, TINY, toy_run_config
+from tests.conftest import (
+    LORA,
+    TINY,
+    client_round_evaluated_by_server,
+    toy_run_config,
+    toy_server,
+)
 from tests.privacy.test_per_sample_gradients import (
     NEGATIVES,
+    inputs,
     opacus_gradients,
     per_example_gradients,
     prepare,
@@ -66,11 +71,11 @@ def test_an_untrained_tower_scores_exactly_as_the_model_without_it(table, sequen
     batch = batch_with_vectors(with_tower, table, sequences, 4)
     assert batch["history_vectors"].abs().max() > 0
     torch.testing.assert_close(
-        with_tower(*(batch[k] for k in BATCH_KEYS)).detach(), without(*(batch[k] for k in BATCH_KEYS[:7])).detach()
+        with_tower(*inputs(batch, BATCH_KEYS)).detach(), without(*inputs(batch, BATCH_KEYS)).detach()
     )
     with_trained_output(with_tower)
-    moved = with_tower(*(batch[k] for k in BATCH_KEYS)).detach()
-    assert not torch.allclose(moved, without(*(batch[k] for k in BATCH_KEYS[:7])).detach())
+    moved = with_tower(*inputs(batch, BATCH_KEYS)).detach()
+    assert not torch.allclose(moved, without(*inputs(batch, BATCH_KEYS)).detach())
 
 
 def test_a_model_with_a_tower_refuses_users_without_their_items_embeddings(table, sequences):
@@ -170,33 +175,22 @@ def test_opacus_per_sample_gradients_of_the_tower_are_exact(table, sequences, mo
 
 @pytest.mark.parametrize("private", [False, True])
 def test_a_client_round_trains_the_tower_on_its_own_items_and_the_server_evaluates_it(tmp_path, private):
-    settings = toy_run_config(
+    config, prepared, table, server = toy_server(
         tmp_path,
         **{"model.item-ids": True, "model.sequence-layers": 1, "model.sequence-dim": 8, "dp.enabled": private},
     )
-    config = load_config(settings)
-    prepared = prepare_data(config.data, config.eval)
-    table = token_table(prepared, config.model)
-    server = GlobalModel(config, prepared)
     start = server.adapters()
     out_key = next(k for k in start if k.endswith("sequence_tower.project_out.weight"))
     assert start[out_key].abs().max() == 0
-    data = load_client_data(config, prepared, 0, 24)
-    out = run_local_round(config, data, table, start, server_round=1)
+    out = client_round_evaluated_by_server(config, prepared, table, server, start)
     assert out.adapters[out_key].abs().max() > 0
     assert (out.privacy is not None) == private
-    server.set_adapters(out.adapters)
-    metrics = server.evaluate("test")
-    assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
 
 
 def test_a_client_reads_its_own_items_embeddings_under_the_received_model(tmp_path):
     from fedrec.local_round import _own_item_vectors
 
-    config = load_config(toy_run_config(tmp_path, **{"model.sequence-layers": 1, "model.sequence-dim": 8}))
-    prepared = prepare_data(config.data, config.eval)
-    table = token_table(prepared, config.model)
-    server = GlobalModel(config, prepared)
+    config, prepared, table, server = toy_server(tmp_path, **{"model.sequence-layers": 1, "model.sequence-dim": 8})
     data = load_client_data(config, prepared, 3, 24)
     vectors = _own_item_vectors(server.model, table, data, torch.device("cpu"))
     assert server.model.training  # left ready to train
