@@ -25,6 +25,10 @@ class AdapterStateError(ValueError):
     """An adapter state dict does not match the model's adapters."""
 
 
+WHOLE_MODULES = (ITEM_IDENTITY, SEQUENCE_TOWER)
+"""Encoder attributes trained, sent and averaged whole beside the LoRA adapters (PEFT
+``modules_to_save``), when the model has them: item identities, the sequence tower."""
+
 KEEPS_B_LOCAL = "fedrec_keeps_b_local"
 """Attribute set on a PEFT model whose lora_B matrices stay on the client (FedSA-LoRA)."""
 
@@ -57,7 +61,7 @@ def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     (``model.sequence-layers``) on the encoder becomes a PEFT ``modules_to_save``
     module: trained, saved and exchanged with the adapters.
     """
-    extra = [name for name in (ITEM_IDENTITY, SEQUENCE_TOWER) if hasattr(encoder, name)] or None
+    extra = [name for name in WHOLE_MODULES if hasattr(encoder, name)] or None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = get_peft_model(encoder, lora_config(settings, extra))

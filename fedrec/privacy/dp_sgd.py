@@ -30,8 +30,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
-from fedrec.model.sequence_tower import MODULE_NAME as SEQUENCE_TOWER
+from fedrec.model.adapters import WHOLE_MODULES
 from fedrec.privacy.accounting import AccountantState, restore
 from fedrec.privacy.config import PrivacyConfig
 
@@ -68,7 +67,7 @@ def check_trainable_adapters(model: nn.Module) -> None:
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
     for name in trainable:
-        if "lora_" not in name and not any(f"{m}.modules_to_save" in name for m in (ITEM_IDENTITY, SEQUENCE_TOWER)):
+        if "lora_" not in name and not any(f"{m}.modules_to_save" in name for m in WHOLE_MODULES):
             raise ValueError(
                 f"parameter '{name}' is trainable but is not a LoRA adapter; "
                 "DP-SGD here trains (and accounts for) the adapters only"
