@@ -236,3 +236,8 @@ def test_serving_ranks_with_the_tower_as_evaluation_does(tmp_path):
 
     found = Recommender.from_run(tmp_path / "out").for_user(str(prepared.users["user_id"].iloc[2]), k=5)
     np.testing.assert_allclose([r.score for r in found], np.sort(scores)[::-1][:5], atol=1e-5)
+    # the int8 encoder quantizes the tower's linear layers too, and still serves
+    quantized = Recommender.from_run(tmp_path / "out", quantization="int8")
+    tower = quantized.trained.model.sequence_tower
+    assert type(tower.project_in) is not torch.nn.Linear
+    assert len(quantized.for_user(str(prepared.users["user_id"].iloc[2]), k=5)) == 5

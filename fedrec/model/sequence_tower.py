@@ -100,7 +100,8 @@ class SequenceTower(nn.Module):
             )
         # positions given per row, so that Opacus sees the batch dimension first
         positions = torch.arange(width, device=mask.device).expand(size, width)
-        states = self.dropout(self.project_in(vectors.to(self.project_in.weight.dtype)) + self.positions(positions))
+        # float32 in: a dynamically quantized (int8) project_in takes nothing else
+        states = self.dropout(self.project_in(vectors.float()) + self.positions(positions))
         for block in self.blocks:
             states = block(states, mask)
         term = self.project_out(self.norm(states[:, 0]))
