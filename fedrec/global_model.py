@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedrec.checkpoint import save_checkpoint
@@ -67,5 +69,8 @@ class GlobalModel:
                 metrics.update({f"{name}_cold": value for name, value in cold.items()})
             return metrics
 
-    def checkpoint(self, out_dir: Path, server_round: int) -> Path:
-        return save_checkpoint(self.model.encoder, out_dir, server_round)
+    def checkpoint(
+        self, out_dir: Path, server_round: int, server_state: Mapping[str, np.ndarray] | None = None
+    ) -> Path:
+        """Save the global adapters of ``server_round``, with the server optimizer's state."""
+        return save_checkpoint(self.model.encoder, out_dir, server_round, server_state=server_state)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec import records
-from fedrec.checkpoint import latest_checkpoint
+from fedrec.checkpoint import checkpoint_dir, latest_checkpoint, load_server_state
 from fedrec.client_data import num_partitions_for
 from fedrec.config import ConfigError, FedRecConfig, load_config, to_run_config
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
@@ -23,9 +23,10 @@ from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
 from server.item_counts import run_item_counts
+from server.optimizer_state import keeps_state, optimizer_state, restore_optimizer_state
 from server.sampling import SeededSampling
 from server.secure_aggregation import SecAggFedRec
-from server.strategy import server_strategy
+from server.strategy import FedRecAvg, server_strategy
 from server.user_dp import clients_per_round, user_dp_metrics, wrap_strategy
 
 log = logging.getLogger("fedrec.server")
@@ -95,6 +96,22 @@ def _seeded_sampling(config: FedRecConfig, timeout: float) -> SeededSampling | N
     return SeededSampling(config.federation.seed, timeout)
 
 
+def _restore_server_optimizer(strategy: FedRecAvg, model: GlobalModel, out_dir: Path, start_round: int) -> None:
+    """Give a resumed run's server optimizer the state it had after ``start_round``."""
+    if not keeps_state(strategy):
+        return
+    state = load_server_state(checkpoint_dir(out_dir, start_round))
+    if state is None:
+        log.warning(
+            "The checkpoint of round %d has no server optimizer state (written before fedrec "
+            "saved it): %s's moments start from zero",
+            start_round,
+            type(strategy).__name__,
+        )
+    elif restore_optimizer_state(strategy, state, model.adapters(), start_round):
+        log.info("Restored the server optimizer's state of round %d", start_round)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Prepare data, then run FedAvg rounds; write metrics.json and checkpoints."""
@@ -150,6 +167,8 @@ def main(grid: Grid, context: Context) -> None:
             wire_dtype=config.federation.wire_dtype,
             sampling=_seeded_sampling(config, timeout),
         )
+        if start_round:
+            _restore_server_optimizer(strategy, model, out_dir, start_round)
     for earlier in record.rounds:  # a resumed run keeps the clients' epsilons it has seen
         strategy.epsilons.latest.update(
             {int(k): v for k, v in earlier.get(records.CLIENT_EPSILONS, {}).items()}
@@ -167,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
             return None
         current = server_round + start_round
         model.set_adapters(arrays.to_torch_state_dict())
-        model.checkpoint(out_dir, current)
+        model.checkpoint(out_dir, current, optimizer_state(strategy))
         metrics = model.evaluate("test")
         values = {
             records.ROUND: current,

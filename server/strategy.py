@@ -17,7 +17,8 @@
   and budget refusals, per round (:class:`server.privacy_report.EpsilonLedger`);
 * server optimizers: :class:`FedRecAvgM` and :class:`FedRecAdam` are the same
   strategy on top of Flower's ``FedAvgM`` and ``FedAdam``, which take a server
-  step from the validated weighted mean (``federation.server-optimizer``), and
+  step from the validated weighted mean (``federation.server-optimizer``; their
+  state is checkpointed and restored on resume, :mod:`server.optimizer_state`), and
   :class:`FedRecProx` on top of Flower's ``FedProx``;
 * under user-level DP (:meth:`FedRecAvg.use_user_dp`, called by
   ``server.user_dp.wrap_strategy``), equal weights and a fixed denominator, so
@@ -70,6 +71,9 @@ class FedRecAvg(FedAvg):
         self.wire_dtype = wire_dtype
         """How clients encode their updates (fedrec.model.wire); decoded before validation."""
         self.round_offset = round_offset
+        self.optimizer_rounds_before = 0
+        """Rounds the server optimizer's restored state has already stepped
+        (:mod:`server.optimizer_state`): FedAdam's bias correction counts them."""
         self.max_update_norm = max_update_norm
         """Reject updates farther (L2) than this from the global adapters (0: no bound)."""
         self.last_round: dict[str, float] = {}
@@ -205,7 +209,7 @@ class FedRecAvg(FedAvg):
             for message in ok:
                 for record in message.content.metric_records.values():
                     record[records.EQUAL_WEIGHT] = 1
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        arrays, metrics = super().aggregate_train(server_round + self.optimizer_rounds_before, valid)
         if arrays is not None:
             arrays = self._in_global_dtypes(arrays)
         if arrays is not None and self.user_dp_clients:

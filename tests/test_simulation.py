@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedrec.checkpoint import latest_checkpoint
+from fedrec.checkpoint import latest_checkpoint, load_server_state
 from fedrec.cli import main
 from server.sampling import seeded_draw
 from simulations.runner import _local_superlinks, simulate
@@ -97,12 +97,24 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
         assert record["bytes_up_per_client"] == results["model"]["adapter_wire_bytes"] > table_bytes
         # FedAdam's step keeps the adapters' float32 (NumPy would make them float64)
         assert record["bytes_down_per_client"] == record["bytes_up_per_client"]
-    saved = load_file(str(latest_checkpoint(tmp_path / "out")[1] / "adapter_model.safetensors"))
+    last_round, folder = latest_checkpoint(tmp_path / "out")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
     table = next(v for k, v in saved.items() if "item_identity" in k)
     assert table.shape == (num_items, 32) and table.abs().max() > 0
     capsys.readouterr()
     assert main(["recommend", "--model", str(tmp_path / "out"), "--user", "u1", "--k", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 6
+
+    # FedAdam's moments are checkpointed with the adapters, one per adapter tensor ...
+    moments = load_server_state(folder)
+    assert set(moments) == {f"{m}/{k}" for m in ("m_t", "v_t") for k in saved}
+    # ... and a resumed run carries them on: v_t = 0.99 v_t-1 + 0.01 delta^2 >= 0.99 v_t-1,
+    # where moments restarted from zero would give v_t = 0.01 delta^2
+    simulate("smoke", {**overrides, "num-server-rounds": last_round + 1, "resume": True}, stream=False)
+    resumed = load_server_state(latest_checkpoint(tmp_path / "out")[1])
+    for key, before in moments.items():
+        if key.startswith("v_t/"):
+            assert np.all(resumed[key] >= 0.99 * before * (1 - 1e-5)), key
 
 
 def test_private_simulation_accounts_epsilon_across_rounds_and_resume(tmp_path, flwr_home):

@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from peft import LoraConfig, get_peft_model
 
 from fedrec import records
+from fedrec.checkpoint import SERVER_STATE_FILE, load_server_state, save_checkpoint
+from server.optimizer_state import keeps_state, optimizer_state, restore_optimizer_state
 from server.strategy import server_strategy
 from tests.privacy.test_user_level import (  # noqa: F401  (server_identity: autouse fixture)
     STRATEGY_SETTINGS,
@@ -102,3 +105,69 @@ def test_server_optimizers_refuse_secure_aggregation_and_user_level_dp():
         load_config({"server-optimizer": "fedavgm", "user-dp.mode": "server-fixed"})
     with pytest.raises(ConfigError, match="server-optimizer"):
         load_config({"server-optimizer": "sgd"})
+
+
+def _train_rounds(strategy, arrays, flower_rounds, offset=0):
+    """Rounds over 3 nodes, numbered as Flower numbers them in this run; a resumed
+    run's are ``offset`` behind the run's. Each round's updates depend on its round
+    in the run only, as in a run and its resumed copy."""
+    for local in flower_rounds:
+        global_round = offset + local
+        messages = list(strategy.configure_train(local, ArrayRecord(arrays), ConfigRecord(), FakeGrid(3)))
+        replies = [
+            train_reply(m, update_of_norm(0.5 / global_round, arrays, seed=10 * global_round + i), 10 + i)
+            for i, m in enumerate(messages)
+        ]
+        arrays = strategy.aggregate_train(local, replies)[0].to_torch_state_dict()
+    return arrays
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
+def test_a_resumed_server_optimizer_steps_as_the_uninterrupted_one(name, tmp_path):
+    """Its state, saved with the checkpoint and restored, gives round 3 exactly the
+    uninterrupted run's adapters; restarting the state from zero does not."""
+
+    def strategy(offset=0):
+        return server_strategy(name, server_lr=0.1, server_momentum=0.9, round_offset=offset, **SETTINGS)
+
+    uninterrupted = strategy()
+    after_two = _train_rounds(uninterrupted, adapters(), [1, 2])
+    state = optimizer_state(uninterrupted)
+    assert keeps_state(uninterrupted) and state
+    want = _train_rounds(uninterrupted, after_two, [3])
+
+    model = _tiny_peft_model()
+    folder = save_checkpoint(model, tmp_path, 2, server_state=state)
+    assert (folder / SERVER_STATE_FILE).exists()
+    resumed = strategy(offset=2)
+    assert restore_optimizer_state(resumed, load_server_state(folder), after_two, rounds_done=2)
+    got = _train_rounds(resumed, after_two, [1], offset=2)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7)
+
+    restarted = _train_rounds(strategy(offset=2), after_two, [1], offset=2)
+    assert max(float((restarted[k] - want[k]).abs().max()) for k in want) > 1e-3
+
+
+def test_a_saved_state_that_does_not_fit_is_refused_and_stateless_strategies_save_none(caplog):
+
+    fedadam = server_strategy("fedadam", server_lr=0.1, server_momentum=0.9, **SETTINGS)
+    after_one = _train_rounds(fedadam, adapters(), [1])
+    state = optimizer_state(fedadam)
+    assert set(state) == {f"{m}/{k}" for m in ("m_t", "v_t") for k in after_one}
+    other_shapes = adapters(shape_a=(4, 7), shape_b=(7, 4))
+    assert not restore_optimizer_state(server_strategy("fedadam", 0.1, 0.9, **SETTINGS), state, other_shapes, 1)
+    assert "does not fit the adapters" in caplog.text
+    assert not restore_optimizer_state(server_strategy("fedavgm", 0.1, 0.9, **SETTINGS), state, after_one, 1)
+    assert "is not the state of FedRecAvgM" in caplog.text
+    for stateless in ("fedavg", "fedprox"):
+        plain = server_strategy(stateless, 0.1, 0.9, **SETTINGS)
+        _train_rounds(plain, adapters(), [1])
+        assert not keeps_state(plain) and optimizer_state(plain) == {}
+    assert not keeps_state(server_strategy("fedavgm", 1.0, 0.0, **SETTINGS))
+
+
+def _tiny_peft_model():
+    """A PEFT model to checkpoint (the adapters beside the server state are not under test)."""
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    return get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
