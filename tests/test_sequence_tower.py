@@ -241,3 +241,31 @@ def test_serving_ranks_with_the_tower_as_evaluation_does(tmp_path):
     tower = quantized.trained.model.sequence_tower
     assert type(tower.project_in) is not torch.nn.Linear
     assert len(quantized.for_user(str(prepared.users["user_id"].iloc[2]), k=5)) == 5
+
+
+def test_central_training_trains_the_tower_on_item_vectors_refreshed_at_each_evaluation(tmp_path, monkeypatch):
+    """`fedrec centralized` with a tower: its output leaves zero, and the item vectors it
+    reads are re-encoded from the current model at every evaluation, not kept from step 0."""
+    from fedrec import centralized
+
+    seen = []
+
+    def recorded(model):
+        vectors = original(model)
+        seen.append((model, vectors))
+        return vectors
+
+    original = centralized._item_vectors
+    monkeypatch.setattr(centralized, "_item_vectors", recorded)
+    config = load_config(
+        toy_run_config(
+            tmp_path, **{"model.sequence-layers": 1, "model.sequence-dim": 8, "train.batch-size": 16, "train.lr": 0.01}
+        )
+    )
+    results = centralized.train_centralized(config, steps=4, eval_every=2)
+    assert [h["step"] for h in results["history"]] == [2, 4]
+    assert len(seen) == 3  # once to start, then after each evaluation
+    model = seen[-1][0]
+    assert model.model.sequence_tower.project_out.weight.abs().sum() > 0
+    assert not torch.allclose(seen[0][1], seen[1][1])  # the item space moved with training
+    torch.testing.assert_close(seen[-1][1], encode_items(model.model, model.table, model.device).cpu())
