@@ -125,7 +125,8 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
                 hr, ndcg = summary_metrics(config.eval.k)[:2]
                 log.info("step %d: loss %.4f %s %.4f %s %.4f", done, loss, hr, metrics[hr], ndcg, metrics[ndcg])
                 since_eval, losses = 0, []
-                dataset.item_vectors = _item_vectors(model)  # the tower reads the current item space
+                if done < steps:  # the tower reads the current item space in the steps to come
+                    dataset.item_vectors = _item_vectors(model)
     results = {"settings": to_run_config(config), "examples": len(examples), "history": history, "final": history[-1]}
     (out / "centralized.json").write_text(json.dumps(results, indent=2))
     return results
