@@ -308,6 +308,9 @@ class PersonalConfig:
     """Adam steps of the fit."""
     lr: float = 0.01
     """Adam learning rate of the fit."""
+    half_life: float = 0.0
+    """Weigh the fit's positives by recency: an item's weight halves every this many
+    items back from the user's most recent one (0: all items weigh the same)."""
     recent_items: int = 0
     """Add the mean embedding of the user's last N items to the user embedding (0: off)."""
     recent_weight: float = 0.4
@@ -324,6 +327,7 @@ class PersonalConfig:
         _check(self.recent_weight >= 0, "personal.recent-weight", "must be >= 0")
         _check(self.steps >= 1, "personal.steps", "must be >= 1")
         _check(self.lr > 0, "personal.lr", "must be > 0")
+        _check(self.half_life >= 0, "personal.half-life", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from fedrec.config import ConfigError, PersonalConfig, load_config
 from fedrec.evaluation import encode_items, encode_users, model_scorer
 from fedrec.model.personal_vector import (
     fit_personal_vectors,
+    history_weights,
     personalise,
     recent_items_mean,
 )
@@ -60,6 +61,25 @@ def test_each_user_is_fitted_as_alone_on_their_device(space):
         torch.testing.assert_close(alone[0], together[row], atol=1e-5, rtol=1e-5)
 
 
+def test_history_weights_halve_every_half_life_back_from_the_last_item():
+    weights = history_weights([np.array([3, 1, 2]), np.array([4, 0, 4])], 5, half_life=1.0)
+    torch.testing.assert_close(weights[0], torch.tensor([0.0, 0.5, 1.0, 0.25, 0.0]))
+    torch.testing.assert_close(weights[1], torch.tensor([0.5, 0.0, 0.0, 0.0, 1.0]))  # a repeat: its latest
+    torch.testing.assert_close(history_weights([np.array([3, 1, 2])], 5, half_life=0.0)[0], torch.tensor([0.0, 1, 1, 1, 0]))
+
+
+def test_a_half_life_fits_the_vector_to_the_recent_items_more_than_the_old(space):
+    users, items, histories = space
+    even = fit_personal_vectors(users, items, histories, PersonalConfig(enabled=True), TEMPERATURE)
+    recent = fit_personal_vectors(users, items, histories, PersonalConfig(enabled=True, half_life=1.0), TEMPERATURE)
+    newest, oldest = [h[-2:] for h in histories[:3]], [h[:2] for h in histories[:3]]
+    # user 2's history of 6: its last two items gain likelihood, its first two lose it
+    assert _positive_nll(recent[2:3], items, newest[2:]) < _positive_nll(even[2:3], items, newest[2:]) - 0.1
+    assert _positive_nll(recent[2:3], items, oldest[2:]) > _positive_nll(even[2:3], items, oldest[2:]) + 0.1
+    # a single item has nothing to weigh against: the same fit
+    torch.testing.assert_close(recent[3], even[3])
+
+
 def test_no_history_keeps_the_shared_embedding_and_every_item_stays_finite(space):
     users, items, _ = space
     everything = np.arange(len(items))
@@ -99,6 +119,6 @@ def test_personal_settings_are_validated_by_name():
     config = load_config({"personal.enabled": True, "personal.recent-items": 3, "personal.l2": 0.5})
     assert config.personal == dataclasses.replace(PersonalConfig(), enabled=True, recent_items=3, l2=0.5)
     assert config.personal.active and not PersonalConfig().active
-    for key, value in (("personal.steps", 0), ("personal.recent-items", -1), ("personal.lr", 0.0)):
+    for key, value in (("personal.steps", 0), ("personal.recent-items", -1), ("personal.lr", 0.0), ("personal.half-life", -1.0)):
         with pytest.raises(ConfigError, match=key):
             load_config({key: value})

@@ -14,11 +14,14 @@ history (the user tower). With ``personal.enabled`` each device then fits a corr
 embedding from its own interactions only, against the global model's item
 embeddings, which are frozen:
 
-    user = normalise(u + p),   p = argmin  -mean_{i in H} log  e^{s_i} / (e^{s_i} + sum_{j not in H} e^{s_j})
+    user = normalise(u + p),   p = argmin  -sum_{i in H} w_i log  e^{s_i} / (e^{s_i} + sum_{j not in H} e^{s_j})
                                            + l2 * |p|^2,       s_j = (u + p) . item_j / temperature
 
 where H is the user's history (every item they have; the rest of the catalogue
-are the negatives). It is the user side of matrix factorisation on top of the
+are the negatives) and the weights w_i sum to 1: equal, or with
+``personal.half-life`` h, halving every h items back from the most recent one,
+so the vector follows what the user watches now more than what they watched
+years ago. It is the user side of matrix factorisation on top of the
 federated model's item embeddings: a few hundred floats that no other party sees.
 
 Privacy: ``p`` is computed from the user's own records and used only for the
@@ -41,12 +44,22 @@ import torch
 from fedrec.config import PersonalConfig
 
 
-def history_mask(histories: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
-    """[U, I] boolean: True where the user has the item."""
-    mask = torch.zeros(len(histories), num_items, dtype=torch.bool)
+def history_weights(histories: Sequence[np.ndarray], num_items: int, half_life: float) -> torch.Tensor:
+    """[U, I]: each user's weight on their items, 0 on the rest.
+
+    ``half_life`` 0: every item weighs 1. Otherwise an item ``age`` places before
+    the user's last one weighs ``0.5 ** (age / half_life)`` (histories are oldest
+    first); an item the user has twice keeps its most recent weight.
+    """
+    weights = torch.zeros(len(histories), num_items)
     for row, items in enumerate(histories):
-        mask[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = True
-    return mask
+        items = torch.as_tensor(np.asarray(items, dtype=np.int64))
+        if half_life > 0:
+            age = torch.arange(len(items) - 1, -1, -1, dtype=torch.float32)
+            weights[row, items] = 0.5 ** (age / half_life)  # a repeated item: the later write wins
+        else:
+            weights[row, items] = 1.0
+    return weights
 
 
 def fit_personal_vectors(
@@ -65,7 +78,8 @@ def fit_personal_vectors(
     if len(histories) != len(users):
         raise ValueError(f"{len(users)} user embeddings but {len(histories)} histories")
     users, items = users.detach().float(), items.detach().float()
-    positives = history_mask(histories, len(items)).to(users.device)
+    weights = history_weights(histories, len(items), config.half_life).to(users.device)
+    positives = weights > 0
     counts = positives.sum(1)
     offsets = torch.zeros_like(users, requires_grad=True)
     optimizer = torch.optim.Adam([offsets], lr=config.lr)
@@ -76,7 +90,7 @@ def fit_personal_vectors(
             # a finite fill keeps a user who has every item free of NaN (no negatives: no loss)
             negatives = torch.logsumexp(logits.masked_fill(positives, -1e9), dim=1, keepdim=True)
             log_p = logits - torch.logaddexp(logits, negatives)
-            nll = -(log_p * positives).sum(1) / counts.clamp(min=1)
+            nll = -(log_p * weights).sum(1) / weights.sum(1).clamp(min=1e-12)
             loss = (nll + config.l2 * offsets.pow(2).sum(1)).sum()
             optimizer.zero_grad()
             loss.backward()
