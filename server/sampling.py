@@ -11,6 +11,8 @@ is first sampled the server asks it for its partition id (a ``query.identify``
 message, :func:`clients.client_app.identify`), orders the connected nodes by it and
 draws the round's nodes with a generator seeded by (run seed, round, train or
 evaluate). A resumed run draws what the uninterrupted run would have drawn.
+The SecAgg+ path (:class:`server.secure_aggregation.SecAggFedRec`, on Flower's
+legacy client manager) picks its nodes with :meth:`SeededSampling.choose` too.
 
 Not under user-level DP: its amplified ε assumes a draw that nobody can predict,
 and the run's seed is no secret (``server.server_app`` leaves Flower's draw there).
@@ -75,15 +77,22 @@ class SeededSampling:
         node_ids = list(grid.get_node_ids())
         if not messages or len(messages) >= len(node_ids):
             return messages
-        self._identify(grid, [n for n in node_ids if n not in self.node_keys])
-        keys = {n: self.node_keys[n] for n in node_ids}
-        chosen = seeded_draw(keys, len(messages), self.seed, server_round, stream)
-        log.debug("round %d: partitions %s", server_round, sorted(str(keys[n]) for n in chosen))
+        chosen = self.choose(grid, node_ids, len(messages), server_round, stream)
         template = messages[0]
         return [
             Message(content=template.content, message_type=template.metadata.message_type, dst_node_id=node)
             for node in chosen
         ]
+
+    def choose(
+        self, grid: Grid, node_ids: Sequence[int], count: int, server_round: int, stream: int = TRAIN_STREAM
+    ) -> list[int]:
+        """``count`` of ``node_ids`` by :func:`seeded_draw`, asking new nodes their partition ids."""
+        self._identify(grid, [n for n in node_ids if n not in self.node_keys])
+        keys = {n: self.node_keys[n] for n in node_ids}
+        chosen = seeded_draw(keys, count, self.seed, server_round, stream)
+        log.debug("round %d: partitions %s", server_round, sorted(str(keys[n]) for n in chosen))
+        return chosen
 
     def _identify(self, grid: Grid, node_ids: Sequence[int]) -> None:
         """Ask nodes not seen before for their partition ids."""

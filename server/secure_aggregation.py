@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, Context, Error, MetricRecord, RecordDict
 from flwr.common import (
+    FitIns,
     FitRes,
     NDArrays,
     Parameters,
@@ -38,6 +39,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -54,6 +56,7 @@ from fedrec.model.adapter_arrays import (
 )
 from fedrec.privacy.config import SecAggConfig
 from server.privacy_report import EpsilonLedger
+from server.sampling import SeededSampling
 from server.strategy import NOT_AVERAGED
 from server.traffic import TrafficGrid
 
@@ -177,7 +180,13 @@ class SecAggFedRec(LegacyFedAvg):
     averaged training metrics and the bound on the quantization error.
     """
 
-    def __init__(self, config: FedRecConfig, context: Context, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        config: FedRecConfig,
+        context: Context,
+        round_offset: int = 0,
+        sampling: SeededSampling | None = None,
+    ) -> None:
         federation = config.federation
         check_setting(
             federation.min_train_nodes >= 2,
@@ -210,6 +219,9 @@ class SecAggFedRec(LegacyFedAvg):
         self.workflow = secaggplus_workflow(config.secagg)
         self.context = context
         self.round_offset = round_offset
+        self.sampling = sampling
+        """Which nodes a round takes: the legacy client manager's unseeded draw if None."""
+        self._grid: Grid | None = None
         self.last_round: dict[str, float] = {}
         self.rounds: list[dict[str, float]] = []
         self._keys: list[str] = []
@@ -229,6 +241,20 @@ class SecAggFedRec(LegacyFedAvg):
             records.SERVER_ROUND: server_round + self.round_offset,
             records.ADAPTER_KEYS: join_keys(self._keys),
         }
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Flower's legacy FedAvg decides how many nodes train; seeded sampling, which."""
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+        if self.sampling is None or self._grid is None or not instructions or len(instructions) >= len(proxies):
+            return instructions
+        chosen = self.sampling.choose(
+            self._grid, sorted(proxies), len(instructions), server_round + self.round_offset
+        )
+        fit_ins = instructions[0][1]
+        return [(proxies[node], fit_ins) for node in chosen]
 
     def aggregate_fit(
         self,
@@ -254,6 +280,9 @@ class SecAggFedRec(LegacyFedAvg):
         if refusals:
             log.warning("%d client(s) refused to train: their DP-SGD budget is spent", refusals)
             self.last_round[records.BUDGET_REFUSALS] = float(refusals)
+        self.last_round[records.TRAINED_PARTITIONS] = sorted(
+            int(res.metrics[records.PARTITION_ID]) for _, res in results if records.PARTITION_ID in res.metrics
+        )
         self.last_round[records.SECAGG_ERROR_BOUND] = quantization_error_bound(examples, self.settings)
         self._check_weights(examples)
         return ndarrays_to_parameters(aggregate), metrics
@@ -313,6 +342,7 @@ class SecAggFedRec(LegacyFedAvg):
         self._keys = adapter_keys(state)
         self._dtypes = {k: t.dtype for k, t in state.items()}
         self._evaluate_fn = evaluate_fn
+        self._grid = grid  # seeded sampling's identify queries: not metered as round traffic
         self.initial_parameters = ndarrays_to_parameters(to_ndarrays(state, self._keys))
         self._traffic = TrafficGrid(grid)
         legacy = LegacyContext(

@@ -145,9 +145,9 @@ def main(grid: Grid, context: Context) -> None:
             record.write(out_dir)
 
     if config.secagg.enabled:
-        if config.federation.seeded_sampling:
-            log.info("Clients are drawn by Flower's legacy client manager, unseeded: SecAgg+ runs on it")
-        strategy = SecAggFedRec(config, context, round_offset=start_round)
+        strategy = SecAggFedRec(
+            config, context, round_offset=start_round, sampling=_seeded_sampling(config, timeout)
+        )
     else:
         strategy = server_strategy(
             config.federation.server_optimizer,

@@ -37,6 +37,7 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.client_app import identify
 from clients.client_app import train as fedrec_train
 from clients.mods import run_config_mod
 from clients.secure_aggregation import SECAGG_MODS, secagg_mod, warn_if_clipped
@@ -47,6 +48,7 @@ from fedrec.global_model import GlobalModel
 from fedrec.model.adapter_arrays import join_keys
 from fedrec.prepare import prepare
 from fedrec.privacy.config import SecAggConfig
+from server.sampling import SeededSampling, seeded_draw
 from server.secure_aggregation import (
     SecAggFedRec,
     quantization_error_bound,
@@ -248,7 +250,14 @@ def _assert_close(aggregate: dict, expected: dict, bound: float) -> None:
         assert error <= allowed, f"{key}: error {error:.3g} above the bound {allowed:.3g}"
 
 
-def _run_in_process(fail, num_nodes: int = 5, num_rounds: int = 2):
+def _run_in_process(
+    fail,
+    num_nodes: int = 5,
+    num_rounds: int = 2,
+    fraction_train: float = 1.0,
+    seed: int | None = None,
+    round_offset: int = 0,
+):
     """SecAgg+ rounds over a LocalGrid; clients send deterministic updates.
 
     Client ``pid`` sends adapters + (pid + 1) / 100 + round / 10 with weight
@@ -256,6 +265,8 @@ def _run_in_process(fail, num_nodes: int = 5, num_rounds: int = 2):
     instead return ``"raise"`` (the client fails in the stage that collects masked
     vectors), ``"nan"`` (it sends NaN) or ``"refuse"`` (it replies with the error
     of a client whose privacy budget is spent).
+    With ``fraction_train`` < 1 a round takes that share of the nodes (at least 2),
+    drawn by seeded sampling from ``seed`` if given; ``round_offset``: a resumed run's.
     Returns (per-round figures, aggregates by round, updates sent by round, config).
     """
     sent: dict[int, dict[int, tuple[dict, int]]] = {}
@@ -280,11 +291,12 @@ def _run_in_process(fail, num_nodes: int = 5, num_rounds: int = 2):
 
     app = ClientApp()
     app.train(mods=SECAGG_MODS)(train)
+    app.query(records.IDENTIFY_ACTION)(identify)
     run_config = {
         "secagg.enabled": True,
         "secagg.max-weight": float(10 * num_nodes),
-        "fraction-train": 1.0,
-        "min-train-nodes": num_nodes,
+        "fraction-train": fraction_train,
+        "min-train-nodes": num_nodes if fraction_train == 1.0 else 2,
     }
     config = load_config(run_config)
     aggregates = {}
@@ -293,7 +305,8 @@ def _run_in_process(fail, num_nodes: int = 5, num_rounds: int = 2):
         aggregates[server_round] = arrays.to_torch_state_dict()
         return MetricRecord({"evaluated": 1.0})
 
-    strategy = SecAggFedRec(config, _context(0, 1, run_config))
+    sampling = None if seed is None else SeededSampling(seed, timeout=10.0)
+    strategy = SecAggFedRec(config, _context(0, 1, run_config), round_offset=round_offset, sampling=sampling)
     grid = LocalGrid(app, num_nodes, run_config)
     rounds = strategy.start(grid, ArrayRecord(STATE), num_rounds, evaluate_fn=evaluate)
     return rounds, aggregates, sent, config
@@ -351,6 +364,26 @@ def test_dp_sgd_epsilons_and_budget_refusals_are_reported():
     assert stats[records.EPSILON_MAX] == pytest.approx(0.3)
     assert stats[records.CLIENT_EPSILONS] == {"0": 0.1, "1": 0.2, "2": 0.3}
     assert records.EPSILON not in stats and records.PARTITION_ID not in stats  # not averaged
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_seeded_sampling_draws_the_same_partitions_through_secagg():
+    """Half of 6 nodes a round, drawn by the seeded draw over partition ids, as without SecAgg+."""
+    draws = {}
+    for seed in (3, 3, 4):
+        rounds, _, sent, _ = _run_in_process(lambda pid, r: None, num_nodes=6, num_rounds=3, fraction_train=0.5, seed=seed)
+        trained = [r[records.TRAINED_PARTITIONS] for r in rounds]
+        assert trained == [sorted(sent[r]) for r in (1, 2, 3)]  # the partitions whose updates were summed
+        assert all(len(t) == 3 for t in trained)
+        draws.setdefault(seed, []).append(trained)
+    nodes = {100 + p: p for p in range(6)}  # LocalGrid's node ids
+    expected = [sorted(nodes[n] for n in seeded_draw(nodes, 3, 3, r)) for r in (1, 2, 3)]
+    assert draws[3] == [expected, expected]
+    assert draws[4][0] != expected
+    # a run resumed after round 1 draws what the uninterrupted run drew in rounds 2 and 3
+    rounds, _, sent, _ = _run_in_process(lambda pid, r: None, 6, 2, fraction_train=0.5, seed=3, round_offset=1)
+    assert [r[records.TRAINED_PARTITIONS] for r in rounds] == expected[1:]
+    assert sorted(sent) == [2, 3]
 
 
 def test_user_level_dp_is_refused_with_secagg():
