@@ -190,7 +190,12 @@ def _recommend(args: argparse.Namespace) -> int:
     if args.user is None and not args.items and not args.text:
         raise ValueError("give --user, or a new user's --items and/or --text")
     recommender = Recommender.from_run(
-        args.model, args.round, args.quantize, parse_overrides(args.run_config), args.average_rounds or ()
+        args.model,
+        args.round,
+        args.quantize,
+        parse_overrides(args.run_config),
+        args.average_rounds or (),
+        args.local_adapters,
     )
     if args.user is not None:
         found = recommender.for_user(args.user, args.k)
@@ -209,7 +214,12 @@ def _serve(args: argparse.Namespace) -> int:
     from simulations.runner import parse_overrides
 
     recommender = Recommender.from_run(
-        args.model, args.round, args.quantize, parse_overrides(args.run_config), args.average_rounds or ()
+        args.model,
+        args.round,
+        args.quantize,
+        parse_overrides(args.run_config),
+        args.average_rounds or (),
+        args.local_adapters,
     )
     server = make_server(recommender, args.host, args.port)
     host, port = server.server_address[:2]
@@ -291,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--round", type=int, help="checkpoint round (default: the newest)")
         p.add_argument("--average-rounds", type=_round_list, help=AVERAGE_ROUNDS_HELP)
         p.add_argument("--quantize", choices=("none", "int8"), default="none", help="dynamic int8 encoder on CPU")
+        p.add_argument(
+            "--local-adapters",
+            help="a lora.local-b run: the device's own lora_B file (local-adapters-<partition>.pt in its state folder)",
+        )
         p.add_argument(
             "--run-config",
             action="append",

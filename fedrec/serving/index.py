@@ -1,7 +1,8 @@
 """The item-embedding index: the whole catalogue encoded once and kept on disk.
 
 ``RUN/serving/items-round-NNNN-<quantization>.npy`` holds the unit-norm item
-embeddings [I, D] (float32) of that checkpoint; a JSON file beside it records the
+embeddings [I, D] (float32) of that checkpoint (``...-b<digest>.npy`` with a
+device's own ``lora_B`` merged in); a JSON file beside it records the
 catalogue fingerprint and model it was built from, so an index is reused only for
 the catalogue and weights it describes and rebuilt otherwise.
 """
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def index_path(trained: TrainedModel) -> Path:
     """Where the index of this run, round (or averaged rounds) and quantization lives."""
-    name = f"items-{checkpoint_name(trained.server_round, trained.averaged_rounds)}-{trained.quantization}.npy"
+    own_b = f"-b{trained.local_adapters}" if trained.local_adapters else ""
+    name = f"items-{checkpoint_name(trained.server_round, trained.averaged_rounds)}-{trained.quantization}{own_b}.npy"
     return trained.run_dir / "serving" / name
 
 
@@ -36,6 +38,7 @@ def _description(trained: TrainedModel) -> dict:
         "server_round": trained.server_round,
         "averaged_rounds": list(trained.averaged_rounds),
         "quantization": trained.quantization,
+        "local_adapters": trained.local_adapters,
     }
 
 

@@ -116,11 +116,14 @@ class Recommender:
         quantization: str = "none",
         overrides: Mapping[str, RunConfigValue] | None = None,
         average_rounds: Sequence[int] = (),
+        local_adapters: str | Path | None = None,
     ) -> Recommender:
         """Load a run directory written by ``fedrec simulate``; ``overrides``:
         evaluation-time settings, e.g. ``{"personal.enabled": True}``;
-        ``average_rounds``: serve the mean of those rounds' checkpoints."""
-        return cls(load_trained(Path(run_dir), server_round, quantization, overrides, average_rounds))
+        ``average_rounds``: serve the mean of those rounds' checkpoints;
+        ``local_adapters``: a device's own ``lora_B`` file (``lora.local-b`` runs)."""
+        local = None if local_adapters is None else Path(local_adapters)
+        return cls(load_trained(Path(run_dir), server_round, quantization, overrides, average_rounds, local))
 
     @property
     def num_items(self) -> int:

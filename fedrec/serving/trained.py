@@ -9,6 +9,8 @@ encoder, loads the chosen round's adapters and merges them into the base weights
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import warnings
@@ -28,7 +30,11 @@ from fedrec.config import (
     to_run_config,
 )
 from fedrec.item_counts import COUNTS_FILE, load_item_counts, popularity_prior
-from fedrec.model.adapters import load_saved_adapter_mean
+from fedrec.model.adapters import (
+    AdapterStateError,
+    load_local_adapter_state,
+    load_saved_adapter_mean,
+)
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData, prepare
@@ -59,6 +65,8 @@ class TrainedModel:
     """Added to every item's score (``popularity.*``; None when off)."""
     averaged_rounds: tuple[int, ...] = ()
     """The rounds whose checkpoints were averaged (empty: ``server_round``'s alone)."""
+    local_adapters: str = ""
+    """Digest of the device's own ``lora_B`` file merged in (``lora.local-b``; empty: none)."""
 
 
 def run_config_of(run_dir: Path) -> FedRecConfig:
@@ -142,6 +150,26 @@ def checkpoint_folders(
     return rounds[-1], [find_checkpoint(run_dir, r)[1] for r in rounds]
 
 
+def _load_local_adapters(encoder: nn.Module, path: Path, config: FedRecConfig, run_dir: Path) -> str:
+    """Put a device's own ``lora_B`` (FedSA-LoRA) into the unmerged model; its digest."""
+    if not config.lora.local_b:
+        raise RunDirectoryError(
+            f"{path}: {run_dir} was trained without lora.local-b, so no client kept a lora_B of its own"
+        )
+    try:
+        data = path.read_bytes()
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as err:
+        raise RunDirectoryError(f"{path}: cannot be read as saved lora_B weights ({err})") from err
+    if not isinstance(state, dict):
+        raise RunDirectoryError(f"{path}: holds a {type(state).__name__}, not a state dict of lora_B weights")
+    try:
+        load_local_adapter_state(encoder, state)
+    except AdapterStateError as err:
+        raise RunDirectoryError(f"{path}: not this run's local adapters ({err})") from err
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
 def quantize_int8(model: TwoTowerRecommender) -> TwoTowerRecommender:
     """Dynamic int8 quantization of every Linear layer (weights int8, CPU only).
 
@@ -162,20 +190,24 @@ def load_trained(
     quantization: str = "none",
     overrides: Mapping[str, RunConfigValue] | None = None,
     average_rounds: Sequence[int] = (),
+    local_adapters: Path | None = None,
 ) -> TrainedModel:
     """Load a run's settings, catalogue and model with merged adapters, for CPU inference.
 
     ``server_round`` picks a checkpoint (default: the newest), ``average_rounds``
     the mean of several (:func:`checkpoint_folders`); ``quantization``
     ``int8`` quantizes the merged encoder's linear layers dynamically;
-    ``overrides``: evaluation-time settings (:func:`evaluation_config`).
+    ``overrides``: evaluation-time settings (:func:`evaluation_config`);
+    ``local_adapters``: for a ``lora.local-b`` run, the file in which a device's
+    client kept its own ``lora_B`` (``local-adapters-<partition>.pt`` in its state
+    folder), merged with the shared adapters so the device ranks as it trained.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
     run_dir = Path(run_dir)
     config = evaluation_config(run_dir, overrides or {})
     server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
-    if config.lora.local_b:
+    if config.lora.local_b and local_adapters is None:
         log.warning(
             "%s trained with lora.local-b: each client's lora_B stayed on the client, so this "
             "model has the shared adapters only (lora_B = 0), as a client that never trained",
@@ -184,6 +216,9 @@ def load_trained(
     prepared = prepare(config.data, config.eval)
     recommender = build_recommender(config.model, config.lora, prepared.num_items)
     load_saved_adapter_mean(recommender.encoder, folders)
+    local_digest = ""
+    if local_adapters is not None:
+        local_digest = _load_local_adapters(recommender.encoder, Path(local_adapters), config, run_dir)
     model = TwoTowerRecommender(recommender.encoder.merge_and_unload(), recommender.temperature)
     model.eval()
     if quantization == "int8":
@@ -200,4 +235,5 @@ def load_trained(
         quantization=quantization,
         item_prior=run_item_prior(run_dir, config, prepared.num_items),
         averaged_rounds=averaged,
+        local_adapters=local_digest,
     )
