@@ -329,7 +329,15 @@ def test_http_endpoint_in_a_real_process(run_dir, recommender):
         assert line.startswith("serving"), line
         base = line.split()[4]
         assert _request(f"{base}/health") == (
-            200, {"status": "ok", "items": 40, "round": 3, "averaged_rounds": [], "quantization": "none"}
+            200,
+            {
+                "status": "ok",
+                "items": 40,
+                "round": 3,
+                "averaged_rounds": [],
+                "quantization": "none",
+                "local_adapters": "",
+            },
         )
 
         user_id = str(recommender.trained.prepared.users["user_id"].iloc[0])
