@@ -7,11 +7,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedrec.config import ConfigError
 from fedrec.data.interactions import DataError
 from fedrec.logs import setup_logging
 from fedrec.records import summary_metrics
+
+if TYPE_CHECKING:  # serving imports torch and the model: loaded only by the commands that serve
+    from fedrec.serving import Recommender
 
 log = logging.getLogger("fedrec")
 
@@ -183,13 +187,12 @@ def _recommendation_table(found: list) -> str:
     return "\n".join(rows)
 
 
-def _recommend(args: argparse.Namespace) -> int:
+def _load_recommender(args: argparse.Namespace) -> Recommender:
+    """The trained run the model options of ``recommend`` / ``serve`` name."""
     from fedrec.serving import Recommender
     from simulations.runner import parse_overrides
 
-    if args.user is None and not args.items and not args.text:
-        raise ValueError("give --user, or a new user's --items and/or --text")
-    recommender = Recommender.from_run(
+    return Recommender.from_run(
         args.model,
         args.round,
         args.quantize,
@@ -197,6 +200,12 @@ def _recommend(args: argparse.Namespace) -> int:
         args.average_rounds or (),
         args.local_adapters,
     )
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    if args.user is None and not args.items and not args.text:
+        raise ValueError("give --user, or a new user's --items and/or --text")
+    recommender = _load_recommender(args)
     if args.user is not None:
         found = recommender.for_user(args.user, args.k)
     else:
@@ -209,18 +218,9 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedrec.serving import Recommender
     from fedrec.serving.http import make_server
-    from simulations.runner import parse_overrides
 
-    recommender = Recommender.from_run(
-        args.model,
-        args.round,
-        args.quantize,
-        parse_overrides(args.run_config),
-        args.average_rounds or (),
-        args.local_adapters,
-    )
+    recommender = _load_recommender(args)
     server = make_server(recommender, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {recommender.num_items} items on http://{host}:{port} (Ctrl-C stops)", flush=True)
