@@ -72,10 +72,10 @@ def test_a_half_life_fits_the_vector_to_the_recent_items_more_than_the_old(space
     users, items, histories = space
     even = fit_personal_vectors(users, items, histories, PersonalConfig(enabled=True), TEMPERATURE)
     recent = fit_personal_vectors(users, items, histories, PersonalConfig(enabled=True, half_life=1.0), TEMPERATURE)
-    newest, oldest = [h[-2:] for h in histories[:3]], [h[:2] for h in histories[:3]]
+    newest, oldest = [histories[2][-2:]], [histories[2][:2]]
     # user 2's history of 6: its last two items gain likelihood, its first two lose it
-    assert _positive_nll(recent[2:3], items, newest[2:]) < _positive_nll(even[2:3], items, newest[2:]) - 0.1
-    assert _positive_nll(recent[2:3], items, oldest[2:]) > _positive_nll(even[2:3], items, oldest[2:]) + 0.1
+    assert _positive_nll(recent[2:3], items, newest) < _positive_nll(even[2:3], items, newest) - 0.1
+    assert _positive_nll(recent[2:3], items, oldest) > _positive_nll(even[2:3], items, oldest) + 0.1
     # a single item has nothing to weigh against: the same fit
     torch.testing.assert_close(recent[3], even[3])
 
