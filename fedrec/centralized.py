@@ -75,7 +75,6 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
             model.model.encoder, model.table, first_adapted_layer(config.lora)
         )
     model.model.recency = training_recency(config)
-    model.model.train_negative_identities = config.train.id_negatives
     examples = build_examples(prepared.all_train_items, config.model.history_items)
     neighbours = (
         text_neighbours(model.model.encoder, model.table, config.train.hard_negative_pool)

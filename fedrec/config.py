@@ -225,11 +225,6 @@ class TrainConfig:
     """Negatives sampled per training example, from items the user never interacted with."""
     id_lr: float = 0.0
     """Learning rate of the item-identity table (``model.item-ids``); 0: ``train.lr``."""
-    id_negatives: bool = True
-    """Train a sampled negative's identity vector (``model.item-ids``). False: only
-    positives and history items train the table, so an item nobody interacted with
-    keeps its zero vector and is scored from its text alone, as a cold item should
-    be (without DP-SGD, whose noise reaches every row)."""
     in_batch_negatives: bool = False
     """Rank each example's positive against every candidate of its batch (its own
     negatives and the other examples' positives and negatives) instead of its own
@@ -506,11 +501,6 @@ class FedRecConfig:
             "lora.local-b",
             "is not built for client-data=device: a device neither evaluates nor serves "
             "with its own lora_B yet",
-        )
-        _check(
-            self.train.id_negatives or self.model.item_ids,
-            "train.id-negatives",
-            "= false needs model.item-ids = true: without identity vectors there is nothing to leave untrained",
         )
         _check(
             not (self.train.in_batch_negatives and self.dp.enabled),

@@ -110,7 +110,6 @@ def run_local_round(
         cached_item_states(config.model, config.lora, table) if config.model.cache_frozen_items else None
     )
     model.recency = training_recency(config)  # set every round: the model is shared by the actor's clients
-    model.train_negative_identities = config.train.id_negatives
     seed = round_seed(config, server_round, data.partition_id)
     examples = build_examples(data.sequences, config.model.history_items)
     if not examples:

@@ -109,47 +109,21 @@ def test_training_moves_only_the_rows_of_items_in_its_batches_at_the_identity_ra
     assert lora_step == pytest.approx(1e-3, rel=1e-3)
 
 
-def interacted_and_negative_only(batch):
-    """Items a batch trains as positives or history items, and those it only draws as negatives."""
-    interacted = set(batch["items"][:, 0].tolist()) | set(batch["history"][batch["history_mask"] == 1].tolist())
-    return interacted, set(batch["items"][:, 1:].flatten().tolist()) - interacted
-
-
-def test_without_negative_identities_items_drawn_only_as_negatives_keep_zero_vectors(table, sequences):
-    model = identity_model()
-    model.train_negative_identities = False
-    batch = default_collate(fixed_examples(table, sequences, 4))
-    interacted, negative_only = interacted_and_negative_only(batch)
-    assert interacted and negative_only
-    config = TrainConfig(lr=1e-3, id_lr=0.05, max_steps=1, batch_size=4)
-    train_local(model, [batch], make_optimizer(model, config), config, torch.device("cpu"))
-    rows = table_of(model).abs().max(dim=1).values
-    assert [bool(rows[item] > 0) for item in range(12)] == [item in interacted for item in range(12)]
-
-
 def test_building_without_the_catalogue_size_is_refused():
     with pytest.raises(ValueError, match="catalogue size"):
         build_recommender(WITH_IDS, LORA)
 
 
-@pytest.mark.parametrize("negatives", [True, False], ids=["negatives-trained", "negatives-untrained"])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize(("settings", "identity_params"), [(WITH_IDS, 1), (LOW_RANK, 2)], ids=["full", "low-rank"])
-def test_opacus_per_sample_gradients_of_the_identities_are_exact(
-    table, sequences, mode, settings, identity_params, negatives
-):
+def test_opacus_per_sample_gradients_of_the_identities_are_exact(table, sequences, mode, settings, identity_params):
     model = prepare(build_recommender(settings, LORA, num_items=12))
-    model.train_negative_identities = negatives
     rows = settings.item_id_rank or HIDDEN
     set_table(model, 0.3 * torch.randn(12, rows, generator=torch.Generator().manual_seed(1)))
     batch = default_collate(fixed_examples(table, sequences, 5))
     expected = per_example_gradients(model, batch, ID_KEYS)
     actual = opacus_gradients(model, batch, mode, ID_KEYS)
     identity = [n for n in expected if "item_identity" in n]
-    table_rows = expected[next(n for n in identity if "table" in n)].abs().sum(dim=(0, 2)) > 0
-    interacted, negative_only = interacted_and_negative_only(batch)
-    assert negative_only and all(table_rows[item] == negatives for item in negative_only)
-    assert all(table_rows[item] for item in interacted)
     # 8 LoRA matrices and the table (and the low-rank projection)
     assert set(actual) == set(expected) and len(identity) == identity_params
     assert len(actual) == 8 + identity_params
@@ -194,22 +168,6 @@ def test_a_client_round_trains_the_table_and_the_server_evaluates_it(tmp_path, p
     assert (out.privacy is not None) == private
 
 
-@pytest.mark.parametrize("negatives", [True, False])
-def test_a_client_round_trains_the_rows_of_items_it_only_drew_as_negatives_only_when_asked(tmp_path, negatives):
-    from fedrec.client_data import load_client_data
-    from fedrec.local_round import run_local_round
-
-    config, prepared, table, server = toy_server(
-        tmp_path, **{"model.item-ids": True, "train.id-lr": 0.01, "train.id-negatives": negatives}
-    )
-    data = load_client_data(config, prepared, 0, 24)
-    out = run_local_round(config, data, table, server.adapters(), server_round=1)
-    moved = set(torch.nonzero(out.adapters[TABLE_KEY].abs().sum(dim=1) > 0).flatten().tolist())
-    interacted = {int(item) for sequence in data.sequences for item in sequence}
-    assert moved & interacted
-    assert (moved <= interacted) == (not negatives)
-
-
 def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthonormal_projection(table, sequences):
     batch = default_collate(fixed_examples(table, sequences, 4))
     text_only, low_rank = prepare(build_recommender(TINY, LORA)), prepare(low_rank_model())
@@ -231,12 +189,8 @@ def test_low_rank_identities_start_at_zero_and_every_party_gets_the_same_orthono
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [
-        ({"model.item-id-rank": 4}, "needs model.item-ids"),
-        ({"model.item-ids": True, "model.item-id-rank": -1}, ">= 0"),
-        ({"train.id-negatives": False}, "train.id-negatives"),
-    ],
+    [({"model.item-id-rank": 4}, "needs model.item-ids"), ({"model.item-ids": True, "model.item-id-rank": -1}, ">= 0")],
 )
-def test_identity_settings_without_identities_or_out_of_range_are_refused(tmp_path, overrides, message):
+def test_an_item_id_rank_without_identities_or_below_zero_is_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(toy_run_config(tmp_path, **overrides))

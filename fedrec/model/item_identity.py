@@ -13,10 +13,7 @@ The table starts at zero, so an untrained model is exactly the text-only one,
 and an item added after training (or never drawn, not even as a sampled
 negative) keeps the zero vector: it is scored from its text alone. An item that
 is in the catalogue but has no interactions is still drawn as a negative, so
-its vector only learns to keep it away from users, as an ID model's would;
-with ``train.id-negatives = false`` a negative's vector is looked up without
-gradient, so only positives and history items train the table and such an item
-keeps the zero vector too (DP-SGD's noise still reaches every row).
+its vector only learns to keep it away from users, as an ID model's would.
 
 With ``model.item-id-rank`` r > 0 the vectors are low-rank, as LoRA factors a
 weight update: ``id[i] = P e[i]`` with a zero [items, r] table ``e`` and a shared

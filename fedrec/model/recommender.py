@@ -64,10 +64,6 @@ class TwoTowerRecommender(nn.Module):
         """The recency term of the training logits (``forward``, ``in_batch_logits``);
         never part of :meth:`embed_users`, which evaluation and serving call and
         whose callers add the device's own term."""
-        self.train_negative_identities = True
-        """Whether a sampled negative's identity vector is trained (``train.id-negatives``).
-        False: the candidates after column 0 add their identity vectors without
-        gradient, so only positives and history items train the table."""
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings of a batch of token sequences, shape [B, D].
@@ -202,18 +198,13 @@ class TwoTowerRecommender(nn.Module):
         return mean_pool(vectors.float(), history_mask[:, :count])
 
     def embed_items(
-        self,
-        item_ids: torch.Tensor | None,
-        item_mask: torch.Tensor | None,
-        items: torch.Tensor | None = None,
-        train_identity: bool = True,
+        self, item_ids: torch.Tensor | None, item_mask: torch.Tensor | None, items: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Embeddings [B, D] of catalogue items given their tokens and indices [B].
 
         With :attr:`item_states` set and ``items`` given, the item tower starts at
         the first adapted layer (the frozen-layer cache) and needs no tokens; with
-        an item-identity table, each item's identity vector is added (looked up
-        without gradient if not ``train_identity``: no per-sample gradient either).
+        an item-identity table, each item's identity vector is added.
         """
         if items is not None and self.item_states is not None:
             text = embed_cached_items(self.encoder, self.item_states, items)
@@ -226,22 +217,14 @@ class TwoTowerRecommender(nn.Module):
             return text
         if items is None:
             raise ValueError("a model with item identities needs the items' catalogue indices")
-        with torch.set_grad_enabled(train_identity and torch.is_grad_enabled()):
-            vectors = identity(items)
-        return with_identity(text, vectors)
+        return with_identity(text, identity(items))
 
     def embed_candidates(
         self, item_ids: torch.Tensor, item_mask: torch.Tensor, items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Embeddings [B, C, D] of each example's candidates, one tower call per column
-        (the negatives' identity vectors untrained unless :attr:`train_negative_identities`)."""
+        """Embeddings [B, C, D] of each example's candidates, one tower call per column."""
         columns = [
-            self.embed_items(
-                item_ids[:, c],
-                item_mask[:, c],
-                None if items is None else items[:, c],
-                train_identity=c == 0 or self.train_negative_identities,
-            )
+            self.embed_items(item_ids[:, c], item_mask[:, c], None if items is None else items[:, c])
             for c in range(item_ids.shape[1])
         ]
         return torch.stack(columns, dim=1)
