@@ -10,10 +10,14 @@ before both are normalised again:
     item = normalise(text(i) + id[i])        user = normalise(text(h) + mean id[h])
 
 The table starts at zero, so an untrained model is exactly the text-only one,
-and an item added after training (or never drawn, not even as a sampled
-negative) keeps the zero vector: it is scored from its text alone. An item that
-is in the catalogue but has no interactions is still drawn as a negative, so
-its vector only learns to keep it away from users, as an ID model's would.
+and an item never drawn, not even as a sampled negative, keeps the zero vector:
+it is scored from its text alone (so would an item added to the table after
+training, which serving does not do yet: the served catalogue is the run's). An
+item that is in the catalogue but has no interactions is still drawn as a
+negative, so its vector only learns to keep it away from users, as an ID
+model's would; leaving the negatives' vectors untrained does not help such
+items, since the warm items' vectors then share a pull towards users that text
+alone lacks (docs/results.md, "Cold start").
 
 With ``model.item-id-rank`` r > 0 the vectors are low-rank, as LoRA factors a
 weight update: ``id[i] = P e[i]`` with a zero [items, r] table ``e`` and a shared
