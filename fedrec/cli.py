@@ -199,6 +199,7 @@ def _load_recommender(args: argparse.Namespace) -> Recommender:
         parse_overrides(args.run_config),
         args.average_rounds or (),
         args.local_adapters,
+        args.new_items,
     )
 
 
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--local-adapters",
             help="a lora.local-b run: the device's own lora_B file (local-adapters-<partition>.pt in its state folder)",
+        )
+        p.add_argument(
+            "--new-items",
+            help="items added after training: a CSV/TSV/JSONL/Parquet table item_id,text[,title], served from their text",
         )
         p.add_argument(
             "--run-config",

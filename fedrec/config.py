@@ -137,8 +137,8 @@ class ModelConfig:
     the mean of the history items' vectors to the user's. Uploads grow by
     items x hidden floats. An item with a zero vector is scored from its text alone;
     one in the catalogue without interactions is drawn as a negative and pushed away
-    from users (docs/results.md, "Cold start"). Serving a catalogue that grew after
-    training is not built."""
+    from users (docs/results.md, "Cold start"); items added after training
+    (``fedrec recommend --new-items``) get zero vectors."""
     item_id_rank: int = 0
     """With ``item-ids``: 0, a full [items, hidden] table; r > 0, low-rank vectors (an
     [items, r] table times a shared [hidden, r] projection), uploading items x r +

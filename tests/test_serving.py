@@ -337,6 +337,7 @@ def test_http_endpoint_in_a_real_process(run_dir, recommender):
                 "averaged_rounds": [],
                 "quantization": "none",
                 "local_adapters": "",
+                "new_items": 0,
             },
         )
 

@@ -11,8 +11,8 @@ before both are normalised again:
 
 The table starts at zero, so an untrained model is exactly the text-only one,
 and an item never drawn, not even as a sampled negative, keeps the zero vector:
-it is scored from its text alone (so would an item added to the table after
-training, which serving does not do yet: the served catalogue is the run's). An
+it is scored from its text alone, as is an item added to the catalogue after
+training (:func:`grow_item_identity`, ``fedrec recommend --new-items``). An
 item that is in the catalogue but has no interactions is still drawn as a
 negative, so its vector only learns to keep it away from users, as an ID
 model's would; leaving the negatives' vectors untrained does not help such
@@ -76,6 +76,20 @@ def attach_item_identity(encoder: nn.Module, num_items: int, rank: int = 0) -> N
     """Give the (not yet PEFT-wrapped) encoder zero identity vectors of its width
     (``rank`` > 0: low-rank, see the module docstring)."""
     encoder.add_module(MODULE_NAME, ItemIdentity(num_items, encoder.config.hidden_size, rank))
+
+
+def grow_item_identity(identity: ItemIdentity, extra_items: int) -> None:
+    """Append ``extra_items`` zero rows to a (merged, inference-time) table: items
+    added to the catalogue after training, scored from their text alone."""
+    if extra_items < 0:
+        raise ValueError(f"cannot remove items from the identity table ({extra_items})")
+    old = identity.table.weight.detach()
+    grown = nn.Embedding(old.shape[0] + extra_items, old.shape[1], dtype=old.dtype, device=old.device)
+    with torch.no_grad():
+        grown.weight.zero_()
+        grown.weight[: old.shape[0]] = old
+    grown.weight.requires_grad_(False)
+    identity.table = grown
 
 
 def find_item_identity(encoder: nn.Module) -> nn.Module | None:

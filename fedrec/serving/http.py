@@ -4,7 +4,8 @@ Built on ``http.server`` rather than a web framework so that it runs on the
 same small devices as the client agent, with nothing more to install.
 
 * ``GET /health`` -> ``{"status": "ok", "items": I, "round": r, "averaged_rounds": [...],
-  "quantization": q, "local_adapters": digest}`` (digest empty unless ``--local-adapters``)
+  "quantization": q, "local_adapters": digest, "new_items": n}`` (digest empty unless
+  ``--local-adapters``; n: items added after training with ``--new-items``)
 * ``GET /users/<user_id>/recommendations?k=10`` -> ``{"user_id": ..., "recommendations": [...]}``
 * ``POST /recommendations`` with ``{"items": [ids], "texts": [titles], "k": 10}``
   -> ``{"recommendations": [...]}`` for a new user.
@@ -102,6 +103,7 @@ def make_handler(recommender: Recommender) -> type[BaseHTTPRequestHandler]:
                         "averaged_rounds": list(recommender.trained.averaged_rounds),
                         "quantization": recommender.trained.quantization,
                         "local_adapters": recommender.trained.local_adapters,
+                        "new_items": recommender.num_items - recommender.trained.prepared.num_items,
                     }
                 )
             elif len(parts) == 3 and parts[0] == "users" and parts[2] == "recommendations":

@@ -100,7 +100,7 @@ class Recommender:
         self.personal = trained.config.personal
         self.explanations = explanations
         self.items = item_index(trained) if items is None else items
-        catalogue = trained.prepared.items
+        catalogue = trained.catalogue
         self.item_ids: list[str] = catalogue["item_id"].astype(str).tolist()
         self.titles: list[str] = catalogue["title"].astype(str).tolist()
         self.item_index_of = {item_id: i for i, item_id in enumerate(self.item_ids)}
@@ -117,13 +117,16 @@ class Recommender:
         overrides: Mapping[str, RunConfigValue] | None = None,
         average_rounds: Sequence[int] = (),
         local_adapters: str | Path | None = None,
+        new_items: str | Path | None = None,
     ) -> Recommender:
         """Load a run directory written by ``fedrec simulate``; ``overrides``:
         evaluation-time settings, e.g. ``{"personal.enabled": True}``;
         ``average_rounds``: serve the mean of those rounds' checkpoints;
-        ``local_adapters``: a device's own ``lora_B`` file (``lora.local-b`` runs)."""
+        ``local_adapters``: a device's own ``lora_B`` file (``lora.local-b`` runs);
+        ``new_items``: an item table of items added after training, served from their text."""
         local = None if local_adapters is None else Path(local_adapters)
-        return cls(load_trained(Path(run_dir), server_round, quantization, overrides, average_rounds, local))
+        added = None if new_items is None else Path(new_items)
+        return cls(load_trained(Path(run_dir), server_round, quantization, overrides, average_rounds, local, added))
 
     @property
     def num_items(self) -> int:

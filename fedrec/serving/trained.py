@@ -15,9 +15,11 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -35,10 +37,12 @@ from fedrec.model.adapters import (
     load_local_adapter_state,
     load_saved_adapter_mean,
 )
-from fedrec.model.build import build_recommender, token_table
+from fedrec.model.build import build_recommender, token_table, tokenize_items
+from fedrec.model.item_identity import find_item_identity, grow_item_identity
 from fedrec.model.recommender import TwoTowerRecommender
 from fedrec.prepare import PreparedData, prepare
 from fedrec.results import METRICS_FILE
+from fedrec.serving.new_items import new_items_digest, read_new_items
 from fedrec.tokens import TokenTable
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,20 @@ class TrainedModel:
     """The rounds whose checkpoints were averaged (empty: ``server_round``'s alone)."""
     local_adapters: str = ""
     """Digest of the device's own ``lora_B`` file merged in (``lora.local-b``; empty: none)."""
+    new_items: pd.DataFrame | None = field(default=None, compare=False)
+    """Items added to the catalogue after training, after the run's own (``--new-items``)."""
+
+    @cached_property
+    def catalogue(self) -> pd.DataFrame:
+        """The served catalogue: item_idx, item_id, title, text; the run's items, then new ones."""
+        if self.new_items is None:
+            return self.prepared.items
+        return pd.concat([self.prepared.items, self.new_items], ignore_index=True)
+
+    @cached_property
+    def new_items_digest(self) -> str:
+        """Fingerprint of the added items (empty without any)."""
+        return "" if self.new_items is None else new_items_digest(self.new_items)
 
 
 def run_config_of(run_dir: Path) -> FedRecConfig:
@@ -191,6 +209,7 @@ def load_trained(
     overrides: Mapping[str, RunConfigValue] | None = None,
     average_rounds: Sequence[int] = (),
     local_adapters: Path | None = None,
+    new_items: Path | None = None,
 ) -> TrainedModel:
     """Load a run's settings, catalogue and model with merged adapters, for CPU inference.
 
@@ -200,7 +219,10 @@ def load_trained(
     ``overrides``: evaluation-time settings (:func:`evaluation_config`);
     ``local_adapters``: for a ``lora.local-b`` run, the file in which a device's
     client kept its own ``lora_B`` (``local-adapters-<partition>.pt`` in its state
-    folder), merged with the shared adapters so the device ranks as it trained.
+    folder), merged with the shared adapters so the device ranks as it trained;
+    ``new_items``: an item table of items added after training
+    (:mod:`fedrec.serving.new_items`), served after the run's own, from their
+    text alone (zero identity vectors, no popularity counts).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, not {quantization!r}")
@@ -214,6 +236,7 @@ def load_trained(
             run_dir,
         )
     prepared = prepare(config.data, config.eval)
+    added = None if new_items is None else read_new_items(Path(new_items), prepared.items)
     recommender = build_recommender(config.model, config.lora, prepared.num_items)
     load_saved_adapter_mean(recommender.encoder, folders)
     local_digest = ""
@@ -221,6 +244,16 @@ def load_trained(
         local_digest = _load_local_adapters(recommender.encoder, Path(local_adapters), config, run_dir)
     model = TwoTowerRecommender(recommender.encoder.merge_and_unload(), recommender.temperature)
     model.eval()
+    table = token_table(prepared, config.model)
+    prior = run_item_prior(run_dir, config, prepared.num_items)
+    if added is not None:
+        table = tokenize_items(pd.concat([prepared.items, added], ignore_index=True), config.model)
+        identity = find_item_identity(model.encoder)
+        if identity is not None:
+            grow_item_identity(identity, len(added))
+        if prior is not None:  # no counts for them: the prior adds nothing to their scores
+            prior = torch.cat([prior, prior.new_zeros(len(added))])
+        log.info("added %d items after the run's %d (%s)", len(added), prepared.num_items, new_items)
     if quantization == "int8":
         model = quantize_int8(model)
     averaged = tuple(sorted(average_rounds))
@@ -229,11 +262,12 @@ def load_trained(
         run_dir=run_dir,
         config=config,
         prepared=prepared,
-        table=token_table(prepared, config.model),
+        table=table,
         model=model,
         server_round=server_round,
         quantization=quantization,
-        item_prior=run_item_prior(run_dir, config, prepared.num_items),
+        item_prior=prior,
         averaged_rounds=averaged,
         local_adapters=local_digest,
+        new_items=added,
     )
