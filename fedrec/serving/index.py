@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def _description(trained: TrainedModel) -> dict:
     }
 
 
-def _cached(path: Path, description: dict, encode, rebuild: bool) -> torch.Tensor:
+def _cached(path: Path, description: dict, encode: Callable[[], torch.Tensor], rebuild: bool) -> torch.Tensor:
     """The array at ``path`` if its JSON matches ``description``, else ``encode()`` saved there."""
     meta_path = path.with_suffix(".json")
     if not rebuild and path.exists() and meta_path.exists():
