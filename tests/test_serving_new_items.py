@@ -160,3 +160,11 @@ def test_fedrec_recommend_refuses_a_bad_new_items_file_by_name(run_dir, tmp_path
     assert "clash.csv, line 2: item 'i2' is already in the run's catalogue" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_an_int8_encoder_serves_the_grown_catalogue(run_dir, new_items):
+    fp32 = Recommender.from_run(run_dir, new_items=new_items)
+    int8 = Recommender.from_run(run_dir, quantization="int8", new_items=new_items)
+    assert int8.num_items == fp32.num_items
+    cosine = (int8.items[-2:] * fp32.items[-2:]).sum(1)
+    assert cosine.min() > 0.9, cosine
