@@ -22,10 +22,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedrec.evaluation import histories_for
 from fedrec.logs import setup_logging
+from fedrec.model.item_identity import zero_identities
 from fedrec.reevaluate import load_run
 
 FIGURES = ("hr@10", "ndcg@10", "hr@10_full", "hr@10_cold", "ndcg@10_cold", "hr@10_full_cold", "ndcg@10_full_cold")
@@ -47,8 +47,7 @@ def main() -> None:
     results = {"round": server_round, "items_without_interactions": len(never)}
     for variant in ("as-trained", "new-after-training"):
         if variant == "new-after-training":
-            with torch.no_grad():
-                model.model.item_identity.table.weight[torch.from_numpy(never)] = 0.0
+            zero_identities(model.model.item_identity, never)
         metrics = model.evaluate("test")
         results[variant] = {name: metrics[name] for name in FIGURES}
         print(json.dumps({"variant": variant, **results[variant]}), flush=True)

@@ -22,6 +22,9 @@ class ClientData:
     partition_id: int
     users: np.ndarray
     sequences: list[np.ndarray]
+    unlisted: frozenset[int] = frozenset()
+    """Items not in the catalogue while training (never drawn as negatives):
+    ``eval.cold-items-join = "after-training"`` in a simulation, none on a device."""
 
     @property
     def num_interactions(self) -> int:
@@ -57,4 +60,5 @@ def load_client_data(
         raise PartitionError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     assignment = partition_users(config, prepared, num_partitions)
     users = np.flatnonzero(assignment == partition_id)
-    return ClientData(partition_id, users, prepared.train_items_of(users))
+    unlisted = frozenset(int(i) for i in prepared.unlisted_in_training(config.eval))
+    return ClientData(partition_id, users, prepared.train_items_of(users), unlisted)

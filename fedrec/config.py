@@ -212,6 +212,7 @@ class LoraSettings:
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+COLD_ITEMS_JOIN = ("before-training", "after-training")
 
 
 @dataclass(frozen=True)
@@ -289,10 +290,25 @@ class EvalConfig:
     """Cold-start evaluation: this fraction of the items that have interactions is
     removed from training entirely; each user who had one is also tested on it
     (``*_cold`` metrics), the model seeing it only through its text."""
+    cold_items_join: str = "before-training"
+    """When the cold items join the catalogue: ``before-training`` (they are listed
+    while training, so clients draw them as sampled negatives) or ``after-training``
+    (never drawn during training; item identities of theirs are zero when evaluated,
+    as for items added with ``fedrec recommend --new-items``)."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "eval.k", "must be >= 1")
         _check(0.0 <= self.cold_items < 0.5, "eval.cold-items", "must be in [0, 0.5)")
+        _check(
+            self.cold_items_join in COLD_ITEMS_JOIN,
+            "eval.cold-items-join",
+            f"must be one of {', '.join(COLD_ITEMS_JOIN)}",
+        )
+        _check(
+            self.cold_items_join == "before-training" or self.cold_items > 0,
+            "eval.cold-items-join",
+            "'after-training' needs eval.cold-items > 0",
+        )
         _check(self.num_negatives >= 1, "eval.num-negatives", "must be >= 1")
         _check(self.max_users >= 0, "eval.max-users", "must be >= 0")
 

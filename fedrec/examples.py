@@ -56,11 +56,13 @@ class NextItemDataset(Dataset):
         neighbours: np.ndarray | None = None,
         hard_negatives: int = 0,
         item_vectors: torch.Tensor | None = None,
+        unlisted: frozenset[int] = frozenset(),
     ) -> None:
         """``neighbours`` [I, pool]: each item's nearest items, from which
         ``hard_negatives`` of each example's negatives are drawn (the rest uniformly).
         ``item_vectors`` [I, D]: item embeddings, of which each example then carries
-        its history's (``history_vectors``, for a sequence tower)."""
+        its history's (``history_vectors``, for a sequence tower). ``unlisted``: items
+        never drawn as negatives (not in the catalogue while training)."""
         if hard_negatives and neighbours is None:
             raise ValueError("hard_negatives needs the items' neighbours")
         self.neighbours = neighbours
@@ -72,16 +74,18 @@ class NextItemDataset(Dataset):
         self.num_items = table.item_ids.shape[0]
         self.history_width = max((len(e.history) for e in examples), default=1)
         self.item_vectors = None if item_vectors is None else item_vectors.detach().float().cpu()
+        self.unlisted = unlisted
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _negatives(self, exclude: frozenset[int], positive: int) -> np.ndarray:
+    def _negatives(self, seen: frozenset[int], positive: int) -> np.ndarray:
+        exclude = seen | self.unlisted if self.unlisted else seen
         if self.num_items - len(exclude) < self.num_negatives:
             raise ValueError(
-                f"catalogue of {self.num_items} items leaves fewer than "
-                f"train.num-negatives={self.num_negatives} unseen items"
+                f"catalogue of {self.num_items} items ({len(self.unlisted)} unlisted while training) "
+                f"leaves fewer than train.num-negatives={self.num_negatives} unseen items"
             )
         chosen = self._hard_negatives(exclude, positive)
         while len(chosen) < self.num_negatives:

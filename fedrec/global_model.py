@@ -14,6 +14,7 @@ from fedrec.config import FedRecConfig
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.model.adapters import adapter_state, load_adapter_state, state_bytes
 from fedrec.model.build import build_recommender, token_table
+from fedrec.model.item_identity import zero_identities
 from fedrec.prepare import PreparedData
 from fedrec.runtime import autocast, select_device
 
@@ -49,7 +50,13 @@ class GlobalModel:
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Sampled and full-ranking metrics of the current adapters (and ``*_cold``
-        ones on the items held out of training, with ``eval.cold-items``)."""
+        ones on the items held out of training, with ``eval.cold-items``).
+
+        Items that join the catalogue after training (``eval.cold-items-join``) are
+        evaluated as new items: their identity vectors are set to zero first."""
+        unlisted = self.prepared.unlisted_in_training(self.config.eval)
+        if len(unlisted) and self.model.item_identity is not None:
+            zero_identities(self.model.item_identity, unlisted)
         with autocast(self.config.runtime, self.device):
             scorer = model_scorer(
                 self.model,

@@ -128,6 +128,7 @@ def run_local_round(
         neighbours,
         config.train.hard_negatives,
         _own_item_vectors(model, table, data, device),
+        data.unlisted,
     )
     torch.manual_seed(seed)
     loader = make_loader(dataset, config.train.batch_size, seed)

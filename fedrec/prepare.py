@@ -142,6 +142,23 @@ class PreparedData:
         """Whether a cold-start test was prepared (``eval.cold-items`` > 0)."""
         return (self.root / "candidates_cold.npy").exists()
 
+    @cached_property
+    def cold_items(self) -> np.ndarray:
+        """Sorted indices of every item held out of training (``eval.cold-items``); empty without."""
+        if not self.has_cold_test:
+            return np.zeros(0, dtype=np.int64)
+        path = self.root / "cold_items.npy"
+        if not path.exists():
+            raise DataError(f"{self.root}: prepared before cold_items.npy was written; delete it to prepare again")
+        return np.load(path)
+
+    def unlisted_in_training(self, evaluation: EvalConfig) -> np.ndarray:
+        """Items the catalogue does not list while training: the cold items when they
+        join after training (``eval.cold-items-join``), else none."""
+        if evaluation.cold_items_join == "after-training":
+            return self.cold_items
+        return np.zeros(0, dtype=np.int64)
+
     def train_items_of(self, users: np.ndarray) -> list[np.ndarray]:
         """Chronological training items of each given user."""
         offsets = self.user_offsets
@@ -245,6 +262,7 @@ def hold_out_cold_items(
     latest = cold.groupby("user_idx", sort=True).tail(1).sort_values("user_idx")
     frame = latest[["user_idx", "item_idx"]].reset_index(drop=True)
     frame.attrs["num_cold_items"] = count
+    frame.attrs["cold_items"] = sorted(int(i) for i in cold_items)
     log.info("Cold-start test: %d items held out of training, %d users tested on one", count, len(frame))
     return warm, frame
 
@@ -305,6 +323,7 @@ def prepare(data: DataConfig, evaluation: EvalConfig) -> PreparedData:
             negatives = sample_negatives(seen, len(items), evaluation.num_negatives, seed)
             np.save(tmp / f"candidates_{name}.npy", np.column_stack([frame["item_idx"], negatives]))
         if cold is not None:
+            np.save(tmp / "cold_items.npy", np.asarray(cold.attrs["cold_items"], dtype=np.int64))
             cold.to_parquet(tmp / "cold.parquet")
             np.save(tmp / "candidates_cold.npy", cold_candidates(cold, seen, len(users), len(items), evaluation))
         meta = {

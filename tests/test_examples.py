@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fedrec.examples import NextItemDataset, build_examples
 
@@ -24,3 +25,14 @@ def test_negatives_are_distinct_and_unseen(sequences, table):
         assert len(set(negatives)) == 4
         assert not set(negatives) & examples[index].user_items
         assert item["user_ids"].shape == (24,) and item["item_ids"].shape == (5, 12)
+
+
+def test_unlisted_items_are_never_drawn_as_negatives(sequences, table):
+    examples = build_examples(sequences, history_items=3)
+    unlisted = frozenset({10, 11})  # the only items no user has, so the uniform draw would hit them
+    dataset = NextItemDataset(examples, table, num_negatives=2, max_user_tokens=24, seed=0, unlisted=unlisted)
+    drawn = {int(i) for _ in range(20) for index in range(len(dataset)) for i in dataset[index]["items"][1:]}
+    assert drawn and not drawn & unlisted
+    crowded = NextItemDataset(examples, table, num_negatives=5, max_user_tokens=24, seed=0, unlisted=unlisted)
+    with pytest.raises(ValueError, match="2 unlisted while training"):
+        crowded[0]  # user 0 has 6 of 12 items: 6 are left, 2 of them unlisted

@@ -33,6 +33,7 @@ sent and averaged together with the LoRA adapters.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,6 +91,13 @@ def grow_item_identity(identity: ItemIdentity, extra_items: int) -> None:
         grown.weight[: old.shape[0]] = old
     grown.weight.requires_grad_(False)
     identity.table = grown
+
+
+def zero_identities(identity: ItemIdentity, items: np.ndarray) -> None:
+    """Set the identity vectors of ``items`` to zero: they are scored from their text
+    alone, as items that join the catalogue after training are."""
+    with torch.no_grad():
+        identity.table.weight[torch.as_tensor(items, dtype=torch.long)] = 0.0
 
 
 def find_item_identity(encoder: nn.Module) -> nn.Module | None:
