@@ -90,7 +90,7 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
         neighbours,
         config.train.hard_negatives,
         _item_vectors(model),
-        frozenset(int(i) for i in prepared.unlisted_in_training(config.eval)),
+        prepared.unlisted_in_training(config.eval),
     )
     torch.manual_seed(config.federation.seed)
     batches = _Endless(make_loader(dataset, config.train.batch_size, config.federation.seed))

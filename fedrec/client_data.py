@@ -60,5 +60,5 @@ def load_client_data(
         raise PartitionError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     assignment = partition_users(config, prepared, num_partitions)
     users = np.flatnonzero(assignment == partition_id)
-    unlisted = frozenset(int(i) for i in prepared.unlisted_in_training(config.eval))
+    unlisted = prepared.unlisted_in_training(config.eval)
     return ClientData(partition_id, users, prepared.train_items_of(users), unlisted)

@@ -55,8 +55,8 @@ class GlobalModel:
         Items that join the catalogue after training (``eval.cold-items-join``) are
         evaluated as new items: their identity vectors are set to zero first."""
         unlisted = self.prepared.unlisted_in_training(self.config.eval)
-        if len(unlisted) and self.model.item_identity is not None:
-            zero_identities(self.model.item_identity, unlisted)
+        if unlisted and self.model.item_identity is not None:
+            zero_identities(self.model.item_identity, sorted(unlisted))
         with autocast(self.config.runtime, self.device):
             scorer = model_scorer(
                 self.model,

@@ -152,12 +152,12 @@ class PreparedData:
             raise DataError(f"{self.root}: prepared before cold_items.npy was written; delete it to prepare again")
         return np.load(path)
 
-    def unlisted_in_training(self, evaluation: EvalConfig) -> np.ndarray:
+    def unlisted_in_training(self, evaluation: EvalConfig) -> frozenset[int]:
         """Items the catalogue does not list while training: the cold items when they
         join after training (``eval.cold-items-join``), else none."""
         if evaluation.cold_items_join == "after-training":
-            return self.cold_items
-        return np.zeros(0, dtype=np.int64)
+            return frozenset(int(i) for i in self.cold_items)
+        return frozenset()
 
     def train_items_of(self, users: np.ndarray) -> list[np.ndarray]:
         """Chronological training items of each given user."""

@@ -93,7 +93,7 @@ def grow_item_identity(identity: ItemIdentity, extra_items: int) -> None:
     identity.table = grown
 
 
-def zero_identities(identity: ItemIdentity, items: np.ndarray) -> None:
+def zero_identities(identity: ItemIdentity, items: np.ndarray | list[int]) -> None:
     """Set the identity vectors of ``items`` to zero: they are scored from their text
     alone, as items that join the catalogue after training are."""
     with torch.no_grad():
