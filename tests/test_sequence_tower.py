@@ -173,12 +173,10 @@ def test_opacus_per_sample_gradients_of_the_tower_are_exact(table, sequences, mo
         assert (actual[key] - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), key
 
 
-@pytest.mark.parametrize("private", [False, True])
-def test_a_client_round_trains_the_tower_on_its_own_items_and_the_server_evaluates_it(tmp_path, private):
-    config, prepared, table, server = toy_server(
-        tmp_path,
-        **{"model.item-ids": True, "model.sequence-layers": 1, "model.sequence-dim": 8, "dp.enabled": private},
-    )
+@pytest.mark.parametrize(("private", "clipping"), [(False, "flat"), (True, "flat"), (True, "per-part")])
+def test_a_client_round_trains_the_tower_on_its_own_items_and_the_server_evaluates_it(tmp_path, private, clipping):
+    settings = {"model.sequence-layers": 1, "model.sequence-dim": 8, "dp.enabled": private, "dp.clipping": clipping}
+    config, prepared, table, server = toy_server(tmp_path, **{"model.item-ids": True, **settings})
     start = server.adapters()
     out_key = next(k for k in start if k.endswith("sequence_tower.project_out.weight"))
     assert start[out_key].abs().max() == 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fedrec.errors import check_setting as _check
 
 ACCOUNTANTS = ("rdp", "prv")
+CLIPPINGS = ("flat", "per-part")
 USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
 
@@ -38,6 +39,14 @@ class PrivacyConfig:
     """``dp.noise-multiplier``: noise std / clipping norm; used when target-epsilon is 0."""
     max_grad_norm: float = 1.0
     """``dp.max-grad-norm``: per-example gradient clipping norm."""
+    clipping: str = "flat"
+    """``dp.clipping``: ``flat`` clips each example's whole gradient to
+    ``dp.max-grad-norm``; ``per-part`` gives each trained part (LoRA adapters, item
+    identities, sequence tower) an equal share of ``dp.max-grad-norm`` squared,
+    split equally among its tensors (Opacus' per-layer clipping), so that a part
+    with large gradients cannot take the clipping budget of the others. Either
+    way one example moves the sum by at most ``dp.max-grad-norm``, so the noise and
+    the ε accounting are the same."""
     target_epsilon: float = 0.0
     """``dp.target-epsilon``: > 0 plans the noise multiplier so that a client training
     in every round has spent exactly this epsilon after the last round."""
@@ -67,6 +76,7 @@ class PrivacyConfig:
             "dp.max-grad-norm",
             "must be a finite number > 0",
         )
+        _check(self.clipping in CLIPPINGS, "dp.clipping", f"must be one of {', '.join(CLIPPINGS)}")
         _check(
             _finite(self.target_epsilon) and self.target_epsilon >= 0,
             "dp.target-epsilon",

@@ -30,7 +30,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedrec.model.adapters import WHOLE_MODULES
+from fedrec.model.adapters import WHOLE_MODULES, trained_part
 from fedrec.privacy.accounting import AccountantState, restore
 from fedrec.privacy.config import PrivacyConfig
 
@@ -72,6 +72,23 @@ def check_trainable_adapters(model: nn.Module) -> None:
                 f"parameter '{name}' is trainable but is not a LoRA adapter; "
                 "DP-SGD here trains (and accounts for) the adapters only"
             )
+
+
+def clipping_norms(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: PrivacyConfig
+) -> float | list[float]:
+    """``dp.max-grad-norm`` C for flat clipping; for ``per-part`` one norm per tensor
+    the optimizer trains, in its order (Opacus' per-layer clipping): each of the P
+    trained parts gets C^2 / P, split equally among its n tensors, C / sqrt(P n) each,
+    so that the norms' root sum of squares, one example's sensitivity, is C."""
+    if config.clipping == "flat":
+        return config.max_grad_norm
+    names = {id(p): name for name, p in model.named_parameters()}
+    parts = [
+        trained_part(names[id(p)]) for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+    ]
+    sizes = {part: parts.count(part) for part in parts}
+    return [config.max_grad_norm / math.sqrt(len(sizes) * sizes[part]) for part in parts]
 
 
 def _empty_like_batch(batch: Any) -> Any:
@@ -165,15 +182,17 @@ def make_private(
         data_loader=loader,
         noise_generator=_generator(device, None if seed is None else seed + 1),
         noise_multiplier=noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=clipping_norms(model, optimizer, config),
+        clipping="per_layer" if config.clipping == "per-part" else "flat",
         poisson_sampling=True,
         grad_sample_mode="hooks",
     )
     private_loader.collate_fn = EmptySafeCollate(loader.collate_fn, loader.dataset)
     log.debug(
-        "DP-SGD: noise multiplier %.4f, clip %.3g, sample rate %.4f, %d earlier steps (%s)",
+        "DP-SGD: noise multiplier %.4f, clip %.3g (%s), sample rate %.4f, %d earlier steps (%s)",
         noise_multiplier,
         config.max_grad_norm,
+        config.clipping,
         private_loader.sample_rate,
         state.steps,
         config.accountant,
