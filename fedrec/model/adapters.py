@@ -29,6 +29,7 @@ WHOLE_MODULES = (ITEM_IDENTITY, SEQUENCE_TOWER)
 """Encoder attributes trained, sent and averaged whole beside the LoRA adapters (PEFT
 ``modules_to_save``), when the model has them: item identities, the sequence tower."""
 
+
 def trained_part(parameter_name: str) -> str:
     """Which part of the model a trainable parameter belongs to: one of
     :data:`WHOLE_MODULES` (item identities, sequence tower), else ``"lora"``."""
