@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
+from fedrec.model.adapters import trained_part
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
 from fedrec.proximal import proximal_term
 
@@ -72,8 +73,8 @@ def make_optimizer(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
-    identity = [p for n, p in trainable if ITEM_IDENTITY in n]
-    groups = [{"params": [p for n, p in trainable if ITEM_IDENTITY not in n]}]
+    identity = [p for n, p in trainable if trained_part(n) == ITEM_IDENTITY]
+    groups = [{"params": [p for n, p in trainable if trained_part(n) != ITEM_IDENTITY]}]
     if identity:
         groups.append({"params": identity, "lr": (config.id_lr or config.lr) * lr_scale})
     groups = [g for g in groups if g["params"]]
