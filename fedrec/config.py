@@ -229,6 +229,8 @@ class TrainConfig:
     """Negatives sampled per training example, from items the user never interacted with."""
     id_lr: float = 0.0
     """Learning rate of the item-identity table (``model.item-ids``); 0: ``train.lr``."""
+    sequence_lr: float = 0.0
+    """Learning rate of the sequence tower (``model.sequence-layers``); 0: ``train.lr``."""
     in_batch_negatives: bool = False
     """Rank each example's positive against every candidate of its batch (its own
     negatives and the other examples' positives and negatives) instead of its own
@@ -242,7 +244,7 @@ class TrainConfig:
     """Nearest items per item that hard negatives are drawn from."""
     lr_schedule: str = "constant"
     """How the learning rates change over the federated rounds: ``constant``, or
-    ``cosine`` / ``linear`` from ``train.lr`` (and ``train.id-lr``) in round 1 to
+    ``cosine`` / ``linear`` from ``train.lr`` (and the other parts' rates) in round 1 to
     ``train.lr-final`` times them in the last round. Each client computes its
     round's rate from the round number the server sends; ``fedrec centralized``
     has no rounds and keeps the rate constant."""
@@ -260,6 +262,7 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.num_negatives >= 1, "train.num-negatives", "must be >= 1")
         _check(self.id_lr >= 0, "train.id-lr", "must be >= 0")
+        _check(self.sequence_lr >= 0, "train.sequence-lr", "must be >= 0")
         _check(
             0 <= self.hard_negatives <= self.num_negatives,
             "train.hard-negatives",

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from fedrec.config import TrainConfig
 from fedrec.examples import NextItemDataset
-from fedrec.model.adapters import trained_part
+from fedrec.model.adapters import LORA, trained_part
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
+from fedrec.model.sequence_tower import MODULE_NAME as SEQUENCE_TOWER
 from fedrec.proximal import proximal_term
 
 BATCH_KEYS = (
@@ -67,16 +68,18 @@ def round_lr_scale(config: TrainConfig, server_round: int, num_rounds: int) -> f
 def make_optimizer(
     model: nn.Module, config: TrainConfig, lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only: the adapters at ``train.lr`` and an
-    item-identity table at ``train.id-lr`` (when set), both times ``lr_scale``
-    (:func:`round_lr_scale`)."""
+    """AdamW over the trainable parameters only: the adapters at ``train.lr``, an
+    item-identity table at ``train.id-lr`` and a sequence tower at
+    ``train.sequence-lr`` (each when set, else ``train.lr``), all times
+    ``lr_scale`` (:func:`round_lr_scale`)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
-    identity = [p for n, p in trainable if trained_part(n) == ITEM_IDENTITY]
-    groups = [{"params": [p for n, p in trainable if trained_part(n) != ITEM_IDENTITY]}]
-    if identity:
-        groups.append({"params": identity, "lr": (config.id_lr or config.lr) * lr_scale})
+    part_lr = {ITEM_IDENTITY: config.id_lr, SEQUENCE_TOWER: config.sequence_lr}
+    groups = [
+        {"params": [p for n, p in trainable if trained_part(n) == part], "lr": (lr or config.lr) * lr_scale}
+        for part, lr in [(LORA, config.lr), *part_lr.items()]
+    ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
 

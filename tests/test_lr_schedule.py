@@ -12,6 +12,7 @@ from fedrec.global_model import GlobalModel
 from fedrec.local_round import run_local_round
 from fedrec.model.build import token_table
 from fedrec.model.item_identity import MODULE_NAME as ITEM_IDENTITY
+from fedrec.model.sequence_tower import MODULE_NAME as SEQUENCE_TOWER
 from fedrec.prepare import prepare
 from fedrec.training import make_optimizer, round_lr_scale
 from tests.conftest import toy_run_config
@@ -58,9 +59,33 @@ class _WithIdentity(nn.Module):
         setattr(self, ITEM_IDENTITY, nn.Embedding(3, 2))
 
 
+class _WithIdentityAndTower(_WithIdentity):
+    def __init__(self) -> None:
+        super().__init__()
+        setattr(self, SEQUENCE_TOWER, nn.Linear(2, 2))
+
+
+def _rates(optimizer) -> dict[int, float]:
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
 def test_the_optimizer_scales_the_adapter_and_identity_rates():
     optimizer = make_optimizer(_WithIdentity(), TrainConfig(lr=0.002, id_lr=0.01), lr_scale=0.5)
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.001, 0.005])
+
+
+def test_each_part_trains_at_its_own_rate_and_unset_rates_fall_back_to_train_lr():
+    model = _WithIdentityAndTower()
+    tower, identity, adapter = (getattr(model, SEQUENCE_TOWER), getattr(model, ITEM_IDENTITY), model.adapter)
+    rates = _rates(make_optimizer(model, TrainConfig(lr=0.002, id_lr=0.01, sequence_lr=0.004), lr_scale=0.5))
+    assert rates[id(tower.weight)] == rates[id(tower.bias)] == pytest.approx(0.002)
+    assert rates[id(identity.weight)] == pytest.approx(0.005)
+    assert rates[id(adapter.weight)] == pytest.approx(0.001)
+    assert len(rates) == len(list(model.parameters()))  # every trainable tensor, once
+    unset = _rates(make_optimizer(model, TrainConfig(lr=0.002)))
+    assert set(unset.values()) == {0.002}
+    with pytest.raises(ConfigError, match="train.sequence-lr"):
+        load_config({"train.sequence-lr": -1.0})
 
 
 def _update_norm(run_config: dict, server_round: int) -> float:

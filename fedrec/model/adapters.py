@@ -28,12 +28,14 @@ class AdapterStateError(ValueError):
 WHOLE_MODULES = (ITEM_IDENTITY, SEQUENCE_TOWER)
 """Encoder attributes trained, sent and averaged whole beside the LoRA adapters (PEFT
 ``modules_to_save``), when the model has them: item identities, the sequence tower."""
+LORA = "lora"
+"""The part every other trainable parameter (the adapters' matrices) belongs to."""
 
 
 def trained_part(parameter_name: str) -> str:
     """Which part of the model a trainable parameter belongs to: one of
-    :data:`WHOLE_MODULES` (item identities, sequence tower), else ``"lora"``."""
-    return next((module for module in WHOLE_MODULES if module in parameter_name), "lora")
+    :data:`WHOLE_MODULES` (item identities, sequence tower), else :data:`LORA`."""
+    return next((module for module in WHOLE_MODULES if module in parameter_name), LORA)
 
 
 KEEPS_B_LOCAL = "fedrec_keeps_b_local"
