@@ -75,10 +75,10 @@ def make_optimizer(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; were the adapters added?")
-    part_lr = {ITEM_IDENTITY: config.id_lr, SEQUENCE_TOWER: config.sequence_lr}
+    part_lr = {LORA: config.lr, ITEM_IDENTITY: config.id_lr or config.lr, SEQUENCE_TOWER: config.sequence_lr or config.lr}
     groups = [
-        {"params": [p for n, p in trainable if trained_part(n) == part], "lr": (lr or config.lr) * lr_scale}
-        for part, lr in [(LORA, config.lr), *part_lr.items()]
+        {"params": [p for n, p in trainable if trained_part(n) == part], "lr": lr * lr_scale}
+        for part, lr in part_lr.items()
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr * lr_scale, weight_decay=config.weight_decay)
