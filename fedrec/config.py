@@ -379,6 +379,8 @@ class PopularityConfig:
 
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedprox")
+SERVER_LR_OPTIMIZERS = ("fedavgm", "fedadam")
+"""The server optimizers that take a server learning rate (``server-lr``)."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +427,13 @@ class FederationConfig:
     """Server learning rate: FedAvgM's ``server_learning_rate``, FedAdam's ``eta``."""
     server_momentum: float = 0.9
     """FedAvgM's momentum and FedAdam's beta_1."""
+    server_lr_step_round: int = 0
+    """From this round of the run on (a resumed run's earlier rounds counted), the
+    server steps at ``server-lr-step-to`` instead of ``server-lr`` (0: never): a
+    step decay of FedAvgM's or FedAdam's rate late in a run, where a constant rate
+    keeps the global model moving about as much as it improves it."""
+    server_lr_step_to: float = 0.0
+    """The server learning rate from ``server-lr-step-round`` on."""
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -449,6 +458,15 @@ class FederationConfig:
             "must be > 0 with server-optimizer=fedprox (0 makes it FedAvg)",
         )
         _check(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
+        _check(self.server_lr_step_round >= 0, "server-lr-step-round", "must be >= 0 (0: never)")
+        if self.server_lr_step_round:
+            _check(
+                self.server_optimizer in SERVER_LR_OPTIMIZERS,
+                "server-lr-step-round",
+                f"needs a server optimizer with a learning rate ({', '.join(SERVER_LR_OPTIMIZERS)}), "
+                f"not {self.server_optimizer}",
+            )
+            _check(self.server_lr_step_to > 0, "server-lr-step-to", "must be > 0 with server-lr-step-round")
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")

@@ -9,6 +9,8 @@
   (a device's data refused, a spent budget, a lost node) are logged with their reason;
 * bytes sent down and up per client are counted each round;
 * a round offset, so a resumed run continues its round numbers;
+* optionally, a step decay of the server learning rate (``server-lr-step-round``)
+  for the strategies that have one, by the run's round;
 * optionally, seeded client sampling (:class:`server.sampling.SeededSampling`):
   the same seed trains the same clients in every run; the partition ids whose
   updates were averaged are recorded per round;
@@ -56,6 +58,9 @@ CLIP_TOLERANCE = 1e-3
 class FedRecAvg(FedAvg):
     """FedAvg of adapter state dicts with validation and traffic accounting."""
 
+    server_lr_attribute: str | None = None
+    """The Flower strategy's attribute that holds its server learning rate (None: it has none)."""
+
     def __init__(
         self,
         *args,
@@ -63,9 +68,14 @@ class FedRecAvg(FedAvg):
         max_update_norm: float = 0.0,
         wire_dtype: str = "float32",
         sampling: SeededSampling | None = None,
+        server_lr_step: tuple[int, float] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if server_lr_step is not None and self.server_lr_attribute is None:
+            raise ValueError(f"{type(self).__name__} has no server learning rate to step")
+        self.server_lr_step = server_lr_step
+        """(first round of the run, rate): the server learning rate from that round on."""
         self.sampling = sampling
         """Which nodes a round takes: Flower's unseeded draw if None."""
         self.wire_dtype = wire_dtype
@@ -209,6 +219,7 @@ class FedRecAvg(FedAvg):
             for message in ok:
                 for record in message.content.metric_records.values():
                     record[records.EQUAL_WEIGHT] = 1
+        self._step_server_lr(server_round + self.round_offset)
         arrays, metrics = super().aggregate_train(server_round + self.optimizer_rounds_before, valid)
         if arrays is not None:
             arrays = self._in_global_dtypes(arrays)
@@ -219,6 +230,15 @@ class FedRecAvg(FedAvg):
                 {k: float(v) for k, v in metrics.items() if k not in NOT_AVERAGED}
             )
         return arrays, metrics
+
+    def _step_server_lr(self, run_round: int) -> None:
+        """Switch to the stepped server learning rate once ``run_round`` reaches its round."""
+        if self.server_lr_step is None or run_round < self.server_lr_step[0]:
+            return
+        current, stepped = getattr(self, self.server_lr_attribute), self.server_lr_step[1]
+        if current != stepped:
+            log.info("Round %d: server learning rate %g -> %g (server-lr-step-round)", run_round, current, stepped)
+            setattr(self, self.server_lr_attribute, stepped)
 
     def _in_global_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """The aggregate in the global adapters' dtypes: FedAdam's NumPy arithmetic
@@ -257,12 +277,24 @@ class FedRecAvgM(FedRecAvg, FedAvgM):
     """:class:`FedRecAvg` whose server applies the mean update with a learning rate
     and momentum (Flower's ``FedAvgM``, Hsu et al. 2019)."""
 
+    server_lr_attribute = "server_learning_rate"
+
+    def _step_server_lr(self, run_round: int) -> None:
+        super()._step_server_lr(run_round)
+        if not self.server_opt and self.server_learning_rate != 1.0:
+            # Built with rate 1 and no momentum, FedAvgM skipped its server step and
+            # never moved the arrays it steps from past round 1's: start from this round's.
+            self.server_opt = True
+            self.current_arrays = ArrayRecord(self._global)
+
 
 class FedRecAdam(FedRecAvg, FedAdam):
     """:class:`FedRecAvg` whose server takes per-coordinate adaptive steps along the
     mean update (Flower's ``FedAdam``, Reddi et al. 2021). Rarely updated coordinates
     (e.g. the item-identity rows of niche items, which few clients touch) get steps
     of the same size as frequent ones instead of being diluted by the mean."""
+
+    server_lr_attribute = "eta"
 
 
 class FedRecProx(FedRecAvg, FedProx):
