@@ -51,6 +51,7 @@ CLIENTS = "clients"
 TRAINED_PARTITIONS = "trained_partitions"  # sorted partition ids whose updates were averaged
 FAILURES = "failures"  # replies that were errors or rejected updates
 REJECTED_UPDATES = "rejected_updates"  # updates that failed validation (keys, shapes, NaN, norm)
+SERVER_LR = "server_lr"  # the server learning rate this round stepped with (FedAvgM, FedAdam)
 FEDERATED_PREFIX = "federated_"  # on-client evaluation, averaged over clients
 EPSILON_MAX = "epsilon_max"  # over this round's private clients
 EPSILON_MEDIAN = "epsilon_median"

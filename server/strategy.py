@@ -220,6 +220,8 @@ class FedRecAvg(FedAvg):
                 for record in message.content.metric_records.values():
                     record[records.EQUAL_WEIGHT] = 1
         self._step_server_lr(server_round + self.round_offset)
+        if self.server_lr_attribute is not None:
+            self.last_round[records.SERVER_LR] = float(getattr(self, self.server_lr_attribute))
         arrays, metrics = super().aggregate_train(server_round + self.optimizer_rounds_before, valid)
         if arrays is not None:
             arrays = self._in_global_dtypes(arrays)

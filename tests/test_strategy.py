@@ -200,6 +200,7 @@ def test_the_server_learning_rate_steps_down_from_its_round(name):
     full = _step_size(after_one, _one_round(constant, after_one, 2, seed=5))
     assert float(full.abs().max()) > 1e-4
     torch.testing.assert_close(got, 0.1 * full, rtol=1e-4, atol=1e-7)
+    assert stepped.last_round[records.SERVER_LR] == 0.01 and constant.last_round[records.SERVER_LR] == 0.1
 
 
 def test_fedavgm_at_rate_one_without_momentum_still_takes_the_stepped_rate():
