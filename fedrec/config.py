@@ -430,8 +430,8 @@ class FederationConfig:
     server_lr_step_round: int = 0
     """From this round of the run on (a resumed run's earlier rounds counted), the
     server steps at ``server-lr-step-to`` instead of ``server-lr`` (0: never): a
-    step decay of FedAvgM's or FedAdam's rate late in a run, where a constant rate
-    keeps the global model moving about as much as it improves it."""
+    step decay of FedAvgM's or FedAdam's rate late in a run (the ``quality``
+    preset: FedAdam at a third of its rate from round 21, docs/results.md)."""
     server_lr_step_to: float = 0.0
     """The server learning rate from ``server-lr-step-round`` on."""
 
