@@ -174,15 +174,6 @@ def _tiny_peft_model():
     return get_peft_model(base, LoraConfig(r=2, target_modules=["0"]))
 
 
-def _one_round(strategy, arrays, flower_round, seed):
-    """One round over 3 nodes from ``arrays``; the replies depend on ``seed`` only."""
-    messages = list(strategy.configure_train(flower_round, ArrayRecord(arrays), ConfigRecord(), FakeGrid(3)))
-    replies = [
-        train_reply(m, update_of_norm(0.5, arrays, seed=seed + i), 10 + i) for i, m in enumerate(messages)
-    ]
-    return strategy.aggregate_train(flower_round, replies)[0].to_torch_state_dict()
-
-
 def _step_size(before, after):
     return torch.cat([(after[k] - before[k]).flatten() for k in before])
 
@@ -194,10 +185,10 @@ def test_the_server_learning_rate_steps_down_from_its_round(name):
     stepped = server_strategy(name, server_lr=0.1, server_momentum=0.9, server_lr_step=(2, 0.01), **SETTINGS)
     constant = server_strategy(name, server_lr=0.1, server_momentum=0.9, **SETTINGS)
     start = adapters()
-    after_one = _one_round(stepped, start, 1, seed=1)
-    torch.testing.assert_close(after_one, _one_round(constant, start, 1, seed=1))
-    got = _step_size(after_one, _one_round(stepped, after_one, 2, seed=5))
-    full = _step_size(after_one, _one_round(constant, after_one, 2, seed=5))
+    after_one = _train_rounds(stepped, start, [1])
+    torch.testing.assert_close(after_one, _train_rounds(constant, start, [1]))
+    got = _step_size(after_one, _train_rounds(stepped, after_one, [2]))
+    full = _step_size(after_one, _train_rounds(constant, after_one, [2]))
     assert float(full.abs().max()) > 1e-4
     torch.testing.assert_close(got, 0.1 * full, rtol=1e-4, atol=1e-7)
     assert stepped.last_round[records.SERVER_LR] == 0.01 and constant.last_round[records.SERVER_LR] == 0.1
@@ -208,9 +199,9 @@ def test_fedavgm_at_rate_one_without_momentum_still_takes_the_stepped_rate():
     steps to 0.5 the server must apply it (half the mean update)."""
     strategy = server_strategy("fedavgm", server_lr=1.0, server_momentum=0.0, server_lr_step=(2, 0.5), **SETTINGS)
     plain = server_strategy("fedavg", server_lr=1.0, server_momentum=0.0, **SETTINGS)
-    after_one = _one_round(strategy, adapters(), 1, seed=1)
-    got = _step_size(after_one, _one_round(strategy, after_one, 2, seed=5))
-    mean = _step_size(after_one, _one_round(plain, after_one, 2, seed=5))
+    after_one = _train_rounds(strategy, adapters(), [1])
+    got = _step_size(after_one, _train_rounds(strategy, after_one, [2]))
+    mean = _step_size(after_one, _train_rounds(plain, after_one, [2]))
     torch.testing.assert_close(got, 0.5 * mean, rtol=1e-5, atol=1e-7)
 
 
@@ -222,8 +213,8 @@ def test_a_resumed_run_steps_by_the_runs_round_not_flowers(caplog):
     not_yet = server_strategy("fedadam", 0.1, 0.9, round_offset=20, server_lr_step=(22, 0.01), **SETTINGS)
     at_low = server_strategy("fedadam", 0.01, 0.9, round_offset=20, **SETTINGS)
     at_high = server_strategy("fedadam", 0.1, 0.9, round_offset=20, **SETTINGS)
-    torch.testing.assert_close(_one_round(late, start, 1, seed=1), _one_round(at_low, start, 1, seed=1))
-    torch.testing.assert_close(_one_round(not_yet, start, 1, seed=1), _one_round(at_high, start, 1, seed=1))
+    torch.testing.assert_close(_train_rounds(late, start, [1], 20), _train_rounds(at_low, start, [1], 20))
+    torch.testing.assert_close(_train_rounds(not_yet, start, [1], 20), _train_rounds(at_high, start, [1], 20))
     assert "Round 21: server learning rate 0.1 -> 0.01" in caplog.text
 
 
