@@ -427,13 +427,16 @@ class FederationConfig:
     """Server learning rate: FedAvgM's ``server_learning_rate``, FedAdam's ``eta``."""
     server_momentum: float = 0.9
     """FedAvgM's momentum and FedAdam's beta_1."""
-    server_lr_step_round: int = 0
+    server_lr_step_round: str = ""
     """From this round of the run on (a resumed run's earlier rounds counted), the
-    server steps at ``server-lr-step-to`` instead of ``server-lr`` (0: never): a
-    step decay of FedAvgM's or FedAdam's rate late in a run (the ``quality``
-    preset: FedAdam at a third of its rate from round 21, docs/results.md)."""
-    server_lr_step_to: float = 0.0
-    """The server learning rate from ``server-lr-step-round`` on."""
+    server steps at ``server-lr-step-to`` instead of ``server-lr`` (empty or 0:
+    never): a step decay of FedAvgM's or FedAdam's rate late in a run. Several
+    steps as a comma-separated, increasing list ("21,31"), one rate each in
+    ``server-lr-step-to`` (the ``quality`` preset: FedAdam at a third of its rate
+    from round 21 and a tenth from round 31, docs/results.md)."""
+    server_lr_step_to: str = ""
+    """The server learning rate from ``server-lr-step-round`` on; a comma-separated
+    list ("0.01,0.003") with one rate per step round."""
 
     def __post_init__(self) -> None:
         _check(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
@@ -458,18 +461,42 @@ class FederationConfig:
             "must be > 0 with server-optimizer=fedprox (0 makes it FedAvg)",
         )
         _check(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
-        _check(self.server_lr_step_round >= 0, "server-lr-step-round", "must be >= 0 (0: never)")
-        if self.server_lr_step_round:
+        steps = self.server_lr_steps  # parses and checks both keys
+        if steps:
             _check(
                 self.server_optimizer in SERVER_LR_OPTIMIZERS,
                 "server-lr-step-round",
                 f"needs a server optimizer with a learning rate ({', '.join(SERVER_LR_OPTIMIZERS)}), "
                 f"not {self.server_optimizer}",
             )
-            _check(self.server_lr_step_to > 0, "server-lr-step-to", "must be > 0 with server-lr-step-round")
         _check(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
         _check(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
         _check(0 <= self.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
+
+    @property
+    def server_lr_steps(self) -> tuple[tuple[int, float], ...]:
+        """(first round of the run, server learning rate) of each step, in round order;
+        empty when ``server-lr-step-round`` is off."""
+        rounds = _number_list(self.server_lr_step_round, int, "server-lr-step-round")
+        if rounds in ([], [0]):
+            return ()
+        rates = _number_list(self.server_lr_step_to, float, "server-lr-step-to")
+        _check(
+            len(rates) == len(rounds),
+            "server-lr-step-to",
+            f"needs one rate per round of server-lr-step-round ({len(rounds)}), got {len(rates)}",
+        )
+        _check(
+            min(rounds) >= 1 and rounds == sorted(set(rounds)),
+            "server-lr-step-round",
+            f"must be rounds >= 1 in increasing order, got {self.server_lr_step_round!r}",
+        )
+        _check(
+            all(math.isfinite(r) and r > 0 for r in rates),
+            "server-lr-step-to",
+            f"each rate must be a finite number > 0, got {self.server_lr_step_to!r}",
+        )
+        return tuple(zip(rounds, rates))
 
 
 @dataclass(frozen=True)
@@ -593,6 +620,14 @@ _SECTIONS: dict[str, str] = {
 }
 
 
+def _number_list(text: str, kind: type, key: str) -> list:
+    """The comma-separated numbers of a setting ("21,31"), each converted by ``kind``."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"setting '{key}': expected comma-separated numbers, got {text!r}") from None
+
+
 def _key(prefix: str, field_name: str) -> str:
     return prefix + field_name.replace("_", "-")
 
@@ -619,6 +654,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             f"expected a number, got {value!r}",
         )
         return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a string setting given one number: lora.layers=5, server-lr-step-round=21
     _check(isinstance(value, str), key, f"expected a string, got {value!r}")
     return value
 

@@ -96,12 +96,6 @@ def _seeded_sampling(config: FedRecConfig, timeout: float) -> SeededSampling | N
     return SeededSampling(config.federation.seed, timeout)
 
 
-def _server_lr_step(config: FedRecConfig) -> tuple[int, float] | None:
-    """(first round, rate) of ``server-lr-step-round``, or None when it is off."""
-    federation = config.federation
-    return (federation.server_lr_step_round, federation.server_lr_step_to) if federation.server_lr_step_round else None
-
-
 def _restore_server_optimizer(strategy: FedRecAvg, model: GlobalModel, out_dir: Path, start_round: int) -> None:
     """Give a resumed run's server optimizer the state it had after ``start_round``."""
     if not keeps_state(strategy):
@@ -169,7 +163,7 @@ def main(grid: Grid, context: Context) -> None:
             arrayrecord_key=records.ARRAYS,
             configrecord_key=records.CONFIG,
             round_offset=start_round,
-            server_lr_step=_server_lr_step(config),
+            server_lr_steps=config.federation.server_lr_steps,
             max_update_norm=config.federation.max_update_norm,
             wire_dtype=config.federation.wire_dtype,
             sampling=_seeded_sampling(config, timeout),

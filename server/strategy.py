@@ -9,8 +9,8 @@
   (a device's data refused, a spent budget, a lost node) are logged with their reason;
 * bytes sent down and up per client are counted each round;
 * a round offset, so a resumed run continues its round numbers;
-* optionally, a step decay of the server learning rate (``server-lr-step-round``)
-  for the strategies that have one, by the run's round;
+* optionally, a step decay of the server learning rate (``server-lr-step-round``,
+  one or more steps) for the strategies that have one, by the run's round;
 * optionally, seeded client sampling (:class:`server.sampling.SeededSampling`):
   the same seed trains the same clients in every run; the partition ids whose
   updates were averaged are recorded per round;
@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -68,14 +68,14 @@ class FedRecAvg(FedAvg):
         max_update_norm: float = 0.0,
         wire_dtype: str = "float32",
         sampling: SeededSampling | None = None,
-        server_lr_step: tuple[int, float] | None = None,
+        server_lr_steps: Sequence[tuple[int, float]] = (),
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if server_lr_step is not None and self.server_lr_attribute is None:
+        if server_lr_steps and self.server_lr_attribute is None:
             raise ValueError(f"{type(self).__name__} has no server learning rate to step")
-        self.server_lr_step = server_lr_step
-        """(first round of the run, rate): the server learning rate from that round on."""
+        self.server_lr_steps = sorted(server_lr_steps)
+        """(first round of the run, rate) pairs: each rate holds from its round to the next step's."""
         self.sampling = sampling
         """Which nodes a round takes: Flower's unseeded draw if None."""
         self.wire_dtype = wire_dtype
@@ -234,10 +234,11 @@ class FedRecAvg(FedAvg):
         return arrays, metrics
 
     def _step_server_lr(self, run_round: int) -> None:
-        """Switch to the stepped server learning rate once ``run_round`` reaches its round."""
-        if self.server_lr_step is None or run_round < self.server_lr_step[0]:
+        """Switch to the rate of the latest step whose round ``run_round`` has reached."""
+        reached = [rate for first_round, rate in self.server_lr_steps if run_round >= first_round]
+        if not reached:
             return
-        current, stepped = getattr(self, self.server_lr_attribute), self.server_lr_step[1]
+        current, stepped = getattr(self, self.server_lr_attribute), reached[-1]
         if current != stepped:
             log.info("Round %d: server learning rate %g -> %g (server-lr-step-round)", run_round, current, stepped)
             setattr(self, self.server_lr_attribute, stepped)

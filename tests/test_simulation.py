@@ -110,8 +110,9 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
     assert set(moments) == {f"{m}/{k}" for m in ("m_t", "v_t") for k in saved}
     # ... and a resumed run carries them on: v_t = 0.99 v_t-1 + 0.01 delta^2 >= 0.99 v_t-1,
     # where moments restarted from zero would give v_t = 0.01 delta^2
-    # (with the server's rate stepped down from the resumed round on, server-lr-step-round)
-    stepped = {"server-lr-step-round": last_round + 1, "server-lr-step-to": 0.001}
+    # (with the server's rate stepped down from the resumed round on, server-lr-step-round:
+    # two steps, the later one reached at the resumed round)
+    stepped = {"server-lr-step-round": f"{last_round},{last_round + 1}", "server-lr-step-to": "0.005,0.001"}
     after = simulate("smoke", {**overrides, **stepped, "num-server-rounds": last_round + 1, "resume": True}, stream=False)
     assert [r["server_lr"] for r in after["rounds"]] == [0.01] * last_round + [0.001]
     resumed = load_server_state(latest_checkpoint(tmp_path / "out")[1])

@@ -182,7 +182,7 @@ def _step_size(before, after):
 def test_the_server_learning_rate_steps_down_from_its_round(name):
     """Round 1 at server-lr; from round 2 on, the same state and replies take a step
     scaled by the new rate over the old (the step is linear in the rate for both)."""
-    stepped = server_strategy(name, server_lr=0.1, server_momentum=0.9, server_lr_step=(2, 0.01), **SETTINGS)
+    stepped = server_strategy(name, server_lr=0.1, server_momentum=0.9, server_lr_steps=[(2, 0.01)], **SETTINGS)
     constant = server_strategy(name, server_lr=0.1, server_momentum=0.9, **SETTINGS)
     start = adapters()
     after_one = _train_rounds(stepped, start, [1])
@@ -197,7 +197,7 @@ def test_the_server_learning_rate_steps_down_from_its_round(name):
 def test_fedavgm_at_rate_one_without_momentum_still_takes_the_stepped_rate():
     """FedAvgM built with rate 1 and no momentum skips its server step; once the rate
     steps to 0.5 the server must apply it (half the mean update)."""
-    strategy = server_strategy("fedavgm", server_lr=1.0, server_momentum=0.0, server_lr_step=(2, 0.5), **SETTINGS)
+    strategy = server_strategy("fedavgm", server_lr=1.0, server_momentum=0.0, server_lr_steps=[(2, 0.5)], **SETTINGS)
     plain = server_strategy("fedavg", server_lr=1.0, server_momentum=0.0, **SETTINGS)
     after_one = _train_rounds(strategy, adapters(), [1])
     got = _step_size(after_one, _train_rounds(strategy, after_one, [2]))
@@ -209,8 +209,8 @@ def test_a_resumed_run_steps_by_the_runs_round_not_flowers(caplog):
     """Resumed after 20 rounds, Flower's round 1 is the run's round 21."""
     caplog.set_level(logging.INFO, logger="fedrec.server.strategy")
     start = adapters()
-    late = server_strategy("fedadam", 0.1, 0.9, round_offset=20, server_lr_step=(21, 0.01), **SETTINGS)
-    not_yet = server_strategy("fedadam", 0.1, 0.9, round_offset=20, server_lr_step=(22, 0.01), **SETTINGS)
+    late = server_strategy("fedadam", 0.1, 0.9, round_offset=20, server_lr_steps=[(21, 0.01)], **SETTINGS)
+    not_yet = server_strategy("fedadam", 0.1, 0.9, round_offset=20, server_lr_steps=[(22, 0.01)], **SETTINGS)
     at_low = server_strategy("fedadam", 0.01, 0.9, round_offset=20, **SETTINGS)
     at_high = server_strategy("fedadam", 0.1, 0.9, round_offset=20, **SETTINGS)
     torch.testing.assert_close(_train_rounds(late, start, [1], 20), _train_rounds(at_low, start, [1], 20))
@@ -222,10 +222,49 @@ def test_a_server_lr_step_needs_a_server_learning_rate():
     from fedrec.config import ConfigError, load_config
 
     with pytest.raises(ValueError, match="no server learning rate"):
-        server_strategy("fedavg", 1.0, 0.9, server_lr_step=(2, 0.5), **SETTINGS)
+        server_strategy("fedavg", 1.0, 0.9, server_lr_steps=[(2, 0.5)], **SETTINGS)
     with pytest.raises(ConfigError, match="server-lr-step-round"):
         load_config({"server-lr-step-round": 21, "server-lr-step-to": 0.01})  # default fedavg
     with pytest.raises(ConfigError, match="server-lr-step-to"):
         load_config({"server-optimizer": "fedadam", "server-lr-step-round": 21})
     config = load_config({"server-optimizer": "fedadam", "server-lr-step-round": 21, "server-lr-step-to": 0.01})
-    assert (config.federation.server_lr_step_round, config.federation.server_lr_step_to) == (21, 0.01)
+    assert config.federation.server_lr_steps == ((21, 0.01),)
+    assert load_config({"server-optimizer": "fedadam", "server-lr-step-round": 0}).federation.server_lr_steps == ()
+
+
+def test_the_server_learning_rate_steps_more_than_once(caplog):
+    """"21,31" / "0.01,0.003": each rate holds from its round until the next step."""
+    from fedrec.config import load_config
+
+    caplog.set_level(logging.INFO, logger="fedrec.server.strategy")
+    steps = load_config(
+        {"server-optimizer": "fedadam", "server-lr-step-round": "2,4", "server-lr-step-to": "0.01,0.003"}
+    ).federation.server_lr_steps
+    assert steps == ((2, 0.01), (4, 0.003))
+    strategy = server_strategy("fedadam", 0.1, 0.9, server_lr_steps=steps, **SETTINGS)
+    rates = []
+    arrays = adapters()
+    for server_round in range(1, 6):
+        arrays = _train_rounds(strategy, arrays, [server_round])
+        rates.append(strategy.last_round[records.SERVER_LR])
+    assert rates == [0.1, 0.01, 0.01, 0.003, 0.003]
+    assert "Round 4: server learning rate 0.01 -> 0.003" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"server-lr-step-round": "21,31", "server-lr-step-to": 0.01}, "server-lr-step-to"),
+        ({"server-lr-step-round": "31,21", "server-lr-step-to": "0.01,0.003"}, "server-lr-step-round"),
+        ({"server-lr-step-round": "21,21", "server-lr-step-to": "0.01,0.003"}, "server-lr-step-round"),
+        ({"server-lr-step-round": "21,x", "server-lr-step-to": "0.01,0.003"}, "server-lr-step-round"),
+        ({"server-lr-step-round": -1, "server-lr-step-to": 0.01}, "server-lr-step-round"),
+        ({"server-lr-step-round": "21,31", "server-lr-step-to": "0.01,0"}, "server-lr-step-to"),
+        ({"server-lr-step-round": 21, "server-lr-step-to": "nan"}, "server-lr-step-to"),
+    ],
+)
+def test_a_bad_server_lr_schedule_names_its_setting(settings, key):
+    from fedrec.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config({"server-optimizer": "fedadam", **settings})
