@@ -194,10 +194,7 @@ class LoraSettings:
         _check(self.alpha >= 1, "lora.alpha", "must be >= 1")
         _check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
         _check(bool(self.target_module_list), "lora.target-modules", "must name a module")
-        try:
-            _ = self.layer_list  # parses; a bad value raises here
-        except ValueError as err:
-            raise ConfigError(f"setting 'lora.layers': {err}") from err
+        _ = self.layer_list  # parses; a bad value raises here
 
     @property
     def target_module_list(self) -> list[str]:
@@ -207,8 +204,7 @@ class LoraSettings:
     @property
     def layer_list(self) -> list[int] | None:
         """Adapted layer indices, or None for all layers."""
-        parts = [p.strip() for p in self.layers.split(",") if p.strip()]
-        return [int(p) for p in parts] if parts else None
+        return _number_list(self.layers, int, "lora.layers") or None
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
