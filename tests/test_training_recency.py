@@ -11,11 +11,12 @@ from fedrec.config import ConfigError, PersonalConfig, load_config
 from fedrec.evaluation import encode_items
 from fedrec.local_round import run_local_round
 from fedrec.model.adapters import adapter_state
-from fedrec.model.build import build_recommender, token_table
+from fedrec.model.build import build_recommender, token_table, training_recency
 from fedrec.model.personal_vector import personalise
 from fedrec.model.recommender import RecencyTerm
 from fedrec.prepare import prepare as prepare_data
 from fedrec.training import BATCH_KEYS
+from simulations.runner import resolve_settings
 from tests.conftest import TINY, toy_run_config
 from tests.privacy.test_per_sample_gradients import (
     fixed_examples,
@@ -89,6 +90,13 @@ def test_config_refuses_a_term_the_device_would_not_add(settings, fault):
     with pytest.raises(ConfigError, match=fault):
         load_config({**base, **settings})
     load_config({**base, "personal.recent-items": 3})
+
+
+def test_the_device_may_rank_with_fewer_recent_items_than_training_used(tmp_path):
+    """The quality preset trains with 3 items and ranks with 2 (measured higher)."""
+    config, _ = resolve_settings("quality", {}, tmp_path)
+    assert (config.train.recent_items, config.personal.recent_items) == (3, 2)
+    assert training_recency(config) == RecencyTerm(3, config.personal.recent_weight)
 
 
 def test_local_round_trains_with_the_recency_term(tmp_path):
