@@ -126,8 +126,9 @@ class ModelConfig:
     history_items: int = 20
     """At most this many recent items make up a user's history text."""
     temperature: float = 0.05
-    """Softmax temperature on cosine scores during training (0.05: above 0.03 and 0.1
-    on NDCG@10 and full ranking in a 10-round probe, docs/results.md)."""
+    """Softmax temperature on cosine scores in training's loss and in the device's
+    private-vector fit (0.05: above 0.03 and 0.1 on NDCG@10 and full ranking in a
+    10-round probe, docs/results.md)."""
     cache_frozen_items: bool = False
     """Run item texts through the frozen layers below the first adapted one once per
     process and train the item tower through the adapted top layers only; needs
