@@ -61,4 +61,8 @@ def load_client_data(
     assignment = partition_users(config, prepared, num_partitions)
     users = np.flatnonzero(assignment == partition_id)
     unlisted = prepared.unlisted_in_training(config.eval)
-    return ClientData(partition_id, users, prepared.train_items_of(users), unlisted)
+    sequences = prepared.train_items_of(users)
+    if config.train.include_valid_item:
+        valid = prepared.holdout("valid")["item_idx"].to_numpy()
+        sequences = [np.append(items, valid[u]) for u, items in zip(users, sequences)]
+    return ClientData(partition_id, users, sequences, unlisted)

@@ -256,6 +256,13 @@ class TrainConfig:
     or more (the ``quality`` preset trains with 3 and ranks with 2, measured
     better in docs/results.md)."""
 
+    include_valid_item: bool = False
+    """Clients also train on each user's validation item (the second-to-last
+    interaction), so only the test item is held out of training, as in the
+    leave-one-out protocol of NCF, PFedRec and CoFedRec. For a final test run once
+    the settings were chosen on the validation items with it off: a run with it
+    cannot be evaluated on ``--split valid`` (its model has trained on them)."""
+
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", "must be >= 1")
         _check(self.max_steps >= 0, "train.max-steps", "must be >= 0")

@@ -11,6 +11,7 @@ import torch
 
 from fedrec.checkpoint import save_checkpoint
 from fedrec.config import FedRecConfig
+from fedrec.errors import check_setting
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.model.adapters import adapter_state, load_adapter_state, state_bytes
 from fedrec.model.build import build_recommender, token_table
@@ -54,6 +55,12 @@ class GlobalModel:
 
         Items that join the catalogue after training (``eval.cold-items-join``) are
         evaluated as new items: their identity vectors are set to zero first."""
+        check_setting(
+            split != "valid" or not self.config.train.include_valid_item,
+            "train.include-valid-item",
+            "the model has trained on the validation items, so it cannot be evaluated "
+            "on them; evaluate --split test, or train with it off to choose settings",
+        )
         unlisted = self.prepared.unlisted_in_training(self.config.eval)
         if unlisted and self.model.item_identity is not None:
             zero_identities(self.model.item_identity, sorted(unlisted))

@@ -6,6 +6,7 @@ import torch
 
 from fedrec.client_data import PartitionError, load_client_data
 from fedrec.config import load_config
+from fedrec.errors import ConfigError
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.local_round import run_local_round
@@ -36,6 +37,20 @@ def test_client_reads_only_its_users(toy_prepared):
     assert data.sequences[0].tolist() == prepared.all_train_items[3].tolist()
     with pytest.raises(PartitionError, match="num-supernodes=24"):
         load_client_data(config, prepared, 0, num_partitions=10)
+
+
+def test_clients_train_on_the_validation_item_only_when_asked(tmp_path):
+    config = load_config(toy_run_config(tmp_path, **{"train.include-valid-item": True}))
+    prepared = prepare(config.data, config.eval)
+    valid = prepared.holdout("valid")["item_idx"].to_numpy()
+    test = prepared.holdout("test")["item_idx"].to_numpy()
+    data = load_client_data(config, prepared, partition_id=3, num_partitions=24)
+    assert data.sequences[0].tolist() == [*prepared.all_train_items[3].tolist(), int(valid[3])]
+    assert int(test[3]) not in data.sequences[0]
+    model = GlobalModel(config, prepared)
+    assert 0.0 <= model.evaluate("test")["hr@10"] <= 1.0
+    with pytest.raises(ConfigError, match="train.include-valid-item"):
+        model.evaluate("valid")
 
 
 def test_local_round_changes_adapters_and_reports(toy_prepared):
