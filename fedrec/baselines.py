@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedrec.evaluation import Scorer, evaluate_scorer, popularity_scorer
+from fedrec.evaluation import Scorer, evaluate_scorer, histories_for, popularity_scorer
 from fedrec.item_item_baselines import run_item_item_baselines
 from fedrec.prepare import PreparedData
 from fedrec.sequential_baseline import SasRecSettings, run_sasrec_baseline
@@ -73,12 +73,16 @@ def _negatives(rng: np.random.Generator, users: np.ndarray, seen: list[set[int]]
 
 
 def train_bpr_mf(
-    prepared: PreparedData, settings: BprSettings, k: int = 10
+    prepared: PreparedData, settings: BprSettings, k: int = 10, refit: bool = False
 ) -> tuple[MatrixFactorization, list[dict[str, float]]]:
-    """Train BPR-MF; return the model of the best validation epoch and each epoch's figures."""
+    """Train BPR-MF; return the model of the best validation epoch and each epoch's figures.
+
+    ``refit``: train on the training and validation items for ``settings.epochs``
+    and return the last epoch's model (no validation: it has trained on those items).
+    """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    train = prepared.all_train_items
+    train = histories_for(prepared, "test") if refit else prepared.all_train_items
     users = np.concatenate([np.full(len(items), u) for u, items in enumerate(train)])
     items = np.concatenate(train)
     valid = prepared.holdout("valid")["item_idx"].to_numpy()
@@ -104,19 +108,34 @@ def train_bpr_mf(
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(rows)
+        if refit:
+            history.append({"epoch": epoch, "loss": total / len(order), "seconds": time.perf_counter() - start})
+            continue
         metrics = evaluate_scorer(model.scorer(), prepared, "valid", k)
         history.append({"epoch": epoch, "loss": total / len(order), "seconds": time.perf_counter() - start, **{f"valid_{m}": v for m, v in metrics.items()}})
         log.info("BPR-MF epoch %d: loss %.4f valid ndcg@%d %.4f", epoch, total / len(order), k, metrics[f"ndcg@{k}"])
         if metrics[f"ndcg@{k}"] > best:
             best, best_state = metrics[f"ndcg@{k}"], {n: t.clone() for n, t in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model, history
 
 
 def run_baselines(
-    prepared: PreparedData, settings: BprSettings, out_dir: Path, k: int = 10, sasrec: SasRecSettings | None = None
+    prepared: PreparedData,
+    settings: BprSettings,
+    out_dir: Path,
+    k: int = 10,
+    sasrec: SasRecSettings | None = None,
+    refit: bool = False,
 ) -> dict:
-    """Popularity, BPR-MF, EASE, item-kNN (and SASRec) on the test split; written to ``out_dir/baselines.json``."""
+    """Popularity, BPR-MF, EASE, item-kNN (and SASRec) on the test split; written to ``out_dir/baselines.json``.
+
+    ``refit``: BPR-MF and SASRec are also trained again on the training and
+    validation items for their chosen epochs and scored on test (``"refit"``), as
+    fedrec's ``train.include-valid-item`` trains. EASE and item-kNN need no refit:
+    they already read each user's validation item when scoring the test item.
+    """
     model, history = train_bpr_mf(prepared, settings, k)
     best_epoch = max(history, key=lambda h: h[f"valid_ndcg@{k}"])["epoch"]
     results = {
@@ -130,8 +149,14 @@ def run_baselines(
         },
         **run_item_item_baselines(prepared, k),
     }
+    if refit:
+        refitted, _ = train_bpr_mf(prepared, replace(settings, epochs=best_epoch), k, refit=True)
+        results["bpr-mf"]["refit"] = {
+            "epochs": best_epoch,
+            "test": evaluate_scorer(refitted.scorer(), prepared, "test", k, beyond=True),
+        }
     if sasrec is not None:
-        results["sasrec"] = run_sasrec_baseline(prepared, sasrec, k)
+        results["sasrec"] = run_sasrec_baseline(prepared, sasrec, k, refit=refit)
     if prepared.has_cold_test:  # items held out of training (eval.cold-items)
         results["popularity"]["cold"] = evaluate_scorer(popularity_scorer(prepared), prepared, "cold", k)
         results["bpr-mf"]["cold"] = evaluate_scorer(model.scorer(), prepared, "cold", k)

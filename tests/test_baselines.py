@@ -46,14 +46,34 @@ def test_cli_writes_baselines_json(tmp_path, capsys):
 
     overrides = toy_run_config(tmp_path)
     settings = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
-    assert main(["baselines", "--preset", "smoke", "--epochs", "3", "--sasrec-epochs", "2", "--run-config", settings]) == 0
+    assert main(["baselines", "--preset", "smoke", "--epochs", "3", "--sasrec-epochs", "2", "--refit", "--run-config", settings]) == 0
     results = json.loads((tmp_path / "out" / "baselines.json").read_text())
     assert results["bpr-mf"]["best_epoch"] in (1, 2, 3) and len(results["bpr-mf"]["epochs"]) == 3
     assert {"hr@10", "hr@10_full", "coverage@10"} <= set(results["popularity"])
     assert results["ease"]["l2"] > 0 and "hr@10_full" in results["item-knn"]["test"]
     assert results["sasrec"]["settings"]["epochs"] == 2 and "hr@10_full" in results["sasrec"]["test"]
+    assert results["bpr-mf"]["refit"]["epochs"] == results["bpr-mf"]["best_epoch"]
+    assert results["sasrec"]["refit"]["epochs"] == results["sasrec"]["best_epoch"]
+    assert "hr@10_full" in results["bpr-mf"]["refit"]["test"] and "hr@10_full" in results["sasrec"]["refit"]["test"]
     printed = capsys.readouterr().out
-    assert all(f"{name}:" in printed for name in ("bpr-mf", "ease", "item-knn", "sasrec"))
+    assert all(f"{name}:" in printed for name in ("bpr-mf", "ease", "item-knn", "sasrec", "bpr-mf+valid", "sasrec+valid"))
+
+
+def test_bpr_mf_refit_trains_on_the_validation_items_too(toy_prepared):
+    _, prepared = toy_prepared
+    settings = BprSettings(dim=8, epochs=40, batch_size=32, lr=0.05)
+    chosen, _ = train_bpr_mf(prepared, settings, k=5)
+    refitted, history = train_bpr_mf(prepared, settings, k=5, refit=True)
+    assert [h["epoch"] for h in history] == list(range(1, 41)) and "valid_ndcg@5" not in history[0]
+    # the refit has seen each user's validation item as a positive: it ranks it higher
+    valid = prepared.holdout("valid")["item_idx"].to_numpy()
+    users = np.arange(prepared.num_users)
+
+    def mean_rank(model):
+        scores = model.scorer()(users)
+        return float(np.mean((scores > scores[users, valid][:, None]).sum(1)))
+
+    assert mean_rank(refitted) < mean_rank(chosen) - 1
 
 
 def test_ease_weights_solve_the_constrained_least_squares():

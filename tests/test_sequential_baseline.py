@@ -109,6 +109,30 @@ def test_baseline_on_prepared_data_reports_both_protocols_from_the_best_epoch(to
     assert results["settings"]["loss"] == "bce"
 
 
+def test_refit_trains_a_fresh_model_on_the_validation_items_for_the_chosen_epochs(toy_prepared, monkeypatch):
+    import fedrec.sequential_baseline as sequential
+
+    _, prepared = toy_prepared
+    calls = []
+    real_train = sequential.train_sasrec
+
+    def spy(histories, num_items, settings, validate, excluded=()):
+        calls.append(([h.tolist() for h in histories], settings.epochs, validate))
+        return real_train(histories, num_items, settings, validate, excluded)
+
+    monkeypatch.setattr(sequential, "train_sasrec", spy)
+    settings = SasRecSettings(dim=16, blocks=1, max_len=20, epochs=4, eval_every=2, batch_size=16)
+    results = run_sasrec_baseline(prepared, settings, k=3, refit=True)
+    (chosen_histories, _, validate), (refit_histories, refit_epochs, refit_validate) = calls
+    valid = prepared.holdout("valid")["item_idx"].to_numpy()
+    assert validate is not None and refit_validate is None
+    assert chosen_histories == [h.tolist() for h in prepared.all_train_items]
+    assert refit_histories == [[*h, int(valid[u])] for u, h in enumerate(chosen_histories)]
+    assert refit_epochs == results["best_epoch"] == results["refit"]["epochs"]
+    assert [h["epoch"] for h in results["refit"]["losses"]] == list(range(2, refit_epochs + 1, 2))
+    assert {"hr@3", "ndcg@3", "hr@3_full"} <= set(results["refit"]["test"])
+
+
 def test_each_position_is_trained_on_the_item_that_follows_it(monkeypatch):
     import fedrec.sequential_baseline as sequential
 
