@@ -27,6 +27,7 @@ from fedrec.deploy.device_data import (
 )
 from fedrec.deploy.device_state import save_last_round
 from fedrec.item_counts import account_release, local_item_counts, noised
+from fedrec.item_transitions import local_transitions
 from fedrec.local_round import evaluate_local, run_local_round
 from fedrec.model.build import token_table
 from fedrec.prepare import prepare
@@ -194,6 +195,40 @@ def query(msg: Message, context: Context) -> Message:
     )
     return Message(content, reply_to=msg)
 
+
+
+@app.query(records.TRANSITIONS_ACTION)
+def transitions(msg: Message, context: Context) -> Message:
+    """Reply with this client's exact item-to-item transition counts (``transitions.*``).
+
+    Not private (:mod:`fedrec.item_transitions`): a run with ``dp.enabled``, user-level
+    DP or SecAgg+ never asks, and a client whose settings have any of them refuses.
+    """
+    config = load_config(context.run_config)
+    if not config.transitions.enabled:
+        return Message(
+            Error(code=records.TRANSITIONS_REFUSED, reason="transitions.weight is 0 in this client's settings"),
+            reply_to=msg,
+        )
+    try:
+        data, table = _training_inputs(config, msg, context)
+    except DeviceDataError as err:
+        log.error("cannot count this device's transitions: %s", err)
+        return Message(Error(code=records.DEVICE_DATA_INVALID, reason=str(err)), reply_to=msg)
+    counts = local_transitions(data.sequences, len(table.item_ids), config.transitions.window)
+    content = RecordDict(
+        {
+            records.ARRAYS: ArrayRecord(
+                {
+                    records.TRANSITION_ROWS: torch.from_numpy(counts.row.astype(np.int64)),
+                    records.TRANSITION_COLS: torch.from_numpy(counts.col.astype(np.int64)),
+                    records.TRANSITION_COUNTS: torch.from_numpy(counts.data.astype(np.float64)),
+                }
+            ),
+            records.METRICS: MetricRecord({records.PARTITION_ID: data.partition_id}),
+        }
+    )
+    return Message(content, reply_to=msg)
 
 @app.query(records.IDENTIFY_ACTION)
 def identify(msg: Message, context: Context) -> Message:

@@ -386,6 +386,38 @@ class PopularityConfig:
         )
 
 
+
+@dataclass(frozen=True)
+class TransitionConfig:
+    """The item-to-item transition prior of :mod:`fedrec.item_transitions`: which
+    items followed which, counted on each device and summed by the server. The
+    devices' counts are exact, so it is for non-private runs only."""
+
+    weight: float = 0.0
+    """Add ``weight`` x each user's prior, scaled to a maximum of 1, to the cosine
+    scores (0: off; the run then asks no client for counts)."""
+    window: int = 10
+    """Each training example counts the items this far before its target."""
+    last_items: int = 50
+    """How many of the user's most recent items the prior reads."""
+    decay: float = 0.9
+    """Weight of the user's d-th most recent item: ``decay^d`` (the most recent: 1)."""
+    exponent: float = 0.5
+    """Counts are divided by (row sum + 1)^exponent (column sum + 1)^exponent, so
+    that items that follow everything do not dominate."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run asks its clients for their transition counts."""
+        return self.weight > 0
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.weight) and self.weight >= 0, "transitions.weight", "must be a finite number >= 0")
+        _check(self.window >= 1, "transitions.window", "must be >= 1")
+        _check(self.last_items >= 1, "transitions.last-items", "must be >= 1")
+        _check(0 < self.decay <= 1, "transitions.decay", "must be in (0, 1]")
+        _check(math.isfinite(self.exponent) and self.exponent >= 0, "transitions.exponent", "must be a finite number >= 0")
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedprox")
 SERVER_LR_OPTIMIZERS = ("fedavgm", "fedadam")
 """The server optimizers that take a server learning rate (``server-lr``)."""
@@ -542,6 +574,7 @@ class FedRecConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     popularity: PopularityConfig = field(default_factory=PopularityConfig)
+    transitions: TransitionConfig = field(default_factory=TransitionConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -588,6 +621,25 @@ class FedRecConfig:
             "cannot be used with user-level DP (user-dp.mode): each device's count noise is "
             "calibrated to one training example, not to a whole user",
         )
+        if self.transitions.enabled:
+            for on, setting in (
+                (self.dp.enabled, "dp.enabled"),
+                (self.user_dp.enabled, "user-dp.mode"),
+                (self.secagg.enabled, "secagg.enabled"),
+            ):
+                _check(
+                    not on,
+                    "transitions.weight",
+                    f"cannot be used with {setting}: each device sends its exact transition "
+                    "counts, which no privacy setting covers (noised, they lose their signal; "
+                    "see docs/results.md)",
+                )
+            _check(
+                self.federation.fraction_evaluate == 0,
+                "transitions.weight",
+                "needs fraction-evaluate=0: the clients' own evaluation does not have the "
+                "summed counts; the server's evaluation (and serving) uses them",
+            )
         if self.federation.server_optimizer != "fedavg":
             # Both need the plain weighted mean: SecAgg+ runs Flower's legacy FedAvg, and
             # user-level DP noise is calibrated on the mean, not on a server optimizer's step.
@@ -624,6 +676,7 @@ _SECTIONS: dict[str, str] = {
     "secagg": "secagg.",
     "personal": "personal.",
     "popularity": "popularity.",
+    "transitions": "transitions.",
 }
 
 

@@ -171,6 +171,7 @@ def model_scorer(
     device: torch.device,
     personal: PersonalConfig | None = None,
     item_prior: torch.Tensor | None = None,
+    user_prior: Callable[[Sequence[np.ndarray]], torch.Tensor] | None = None,
 ) -> Scorer:
     """Cosine scores of the model; the catalogue is encoded once per call of this, and
     each user once (the cold-start test scores the same users again).
@@ -179,7 +180,9 @@ def model_scorer(
     term: :mod:`fedrec.model.personal_vector`) from that user's ``histories`` row
     alone: what the user's device computes, done here for many users at once.
     ``item_prior`` [num_items] is added to every user's scores (the popularity
-    prior of :mod:`fedrec.item_counts`).
+    prior of :mod:`fedrec.item_counts`); ``user_prior`` maps users' histories to
+    [users, num_items] added to their scores (the transition prior of
+    :mod:`fedrec.item_transitions`, from each user's own history).
     """
     items = encode_items(model, table, device)
     encoded: dict[int, torch.Tensor] = {}
@@ -206,6 +209,8 @@ def model_scorer(
             scores = user_vectors.float() @ items.float().T
             if item_prior is not None:
                 scores = scores + item_prior.to(scores.device)
+            if user_prior is not None:
+                scores = scores + user_prior([histories[int(u)] for u in users]).to(scores.device)
             return scores.cpu().numpy()
 
     return score

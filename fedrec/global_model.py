@@ -13,6 +13,7 @@ from fedrec.checkpoint import save_checkpoint
 from fedrec.config import FedRecConfig
 from fedrec.errors import check_setting
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
+from fedrec.item_transitions import TransitionPrior
 from fedrec.model.adapters import adapter_state, load_adapter_state, state_bytes
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.item_identity import zero_identities
@@ -31,6 +32,8 @@ class GlobalModel:
         self.table = token_table(prepared, config.model)
         self.item_prior: torch.Tensor | None = None
         """Added to every score (the popularity prior, :mod:`fedrec.item_counts`)."""
+        self.user_prior: TransitionPrior | None = None
+        """Added to each user's scores from their history (:mod:`fedrec.item_transitions`)."""
 
     def adapters(self) -> OrderedDict[str, torch.Tensor]:
         """The current adapter state dict."""
@@ -74,6 +77,7 @@ class GlobalModel:
                 self.device,
                 self.config.personal,
                 self.item_prior,
+                self.user_prior,
             )
             metrics = evaluate_scorer(
                 scorer, self.prepared, split, self.config.eval.k, self.config.eval.max_users, beyond=True

@@ -36,6 +36,13 @@ ITEM_COUNTS = "item-counts"  # ArrayRecord key of a client's noised counts; eval
 ITEM_COUNT_CLIENTS = "clients"  # metrics.json "item_counts": clients whose counts were summed
 ITEM_COUNT_FAILURES = "failures"  # ... and clients that replied with an error or not at all
 
+# The transition prior (fedrec.item_transitions): a query before the first round.
+TRANSITIONS_ACTION = "transitions"  # ``query.transitions``: the client replies with its counts
+TRANSITION_ROWS = "transition-rows"  # ArrayRecord keys of a client's counts (COO: row, column, count)
+TRANSITION_COLS = "transition-cols"
+TRANSITION_COUNTS = "transition-counts"
+TRANSITIONS_REFUSED = 4032  # Error code: the client's settings do not allow sending them
+
 # Deployed devices (client-data=device).
 DEVICE_DATA_INVALID = 4022  # Error code: the device's data or catalogue cannot be trained on
 

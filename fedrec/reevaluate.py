@@ -24,6 +24,7 @@ from fedrec.serving.trained import (
     checkpoint_name,
     evaluation_config,
     run_item_prior,
+    run_transition_prior,
 )
 
 
@@ -46,6 +47,7 @@ def load_run(
         server_round, folders = checkpoint_folders(run_dir, server_round, average_rounds)
         load_saved_adapter_mean(model.model.encoder, folders)
     model.item_prior = run_item_prior(run_dir, config, model.prepared.num_items)
+    model.user_prior = run_transition_prior(run_dir, config, model.prepared.num_items)
     return model, server_round
 
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedrec import records
 from fedrec.config import FedRecConfig
 from fedrec.item_counts import load_item_counts, save_item_counts
+from server.queries import ask_every_node
 
 log = logging.getLogger("fedrec.server")
 
@@ -47,31 +47,18 @@ class ItemCounts:
 
 def query_item_counts(grid: Grid, catalogue_digest: str, num_items: int, timeout: float) -> ItemCounts:
     """Send a ``query`` message to every connected node; sum the counts they return."""
-    node_ids = list(grid.get_node_ids())
-    messages = [
-        Message(
-            content=RecordDict({records.CONFIG: ConfigRecord({records.CATALOGUE_DIGEST: catalogue_digest})}),
-            dst_node_id=node_id,
-            message_type=MessageType.QUERY,
-        )
-        for node_id in node_ids
-    ]
-    log.info("Asking %d clients for their noised item counts ...", len(messages))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    log.info("Asking every client for its noised item counts ...")
+    replies = ask_every_node(grid, catalogue_digest, timeout)
     total = np.zeros(num_items, dtype=np.float64)
-    clients, first_error = 0, ""
-    for reply in replies:
-        if reply.has_error():
-            log.warning("node %s sent no item counts: %s", reply.metadata.src_node_id, reply.error.reason)
-            first_error = first_error or reply.error.reason
-            continue
+    clients = 0
+    for reply in replies.ok:
         counts = reply.content[records.ARRAYS][records.ITEM_COUNTS].numpy()
         if counts.shape != (num_items,) or not np.all(np.isfinite(counts)):
             log.warning("node %s sent invalid item counts (shape %s)", reply.metadata.src_node_id, counts.shape)
             continue
         total += counts
         clients += 1
-    return ItemCounts(total, clients, len(node_ids) - clients, first_error)
+    return ItemCounts(total, clients, replies.failures + len(replies.ok) - clients, replies.first_error)
 
 
 def run_item_counts(

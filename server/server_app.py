@@ -16,6 +16,7 @@ from fedrec.config import ConfigError, FedRecConfig, load_config, to_run_config
 from fedrec.evaluation import evaluate_scorer, popularity_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.item_counts import popularity_prior
+from fedrec.item_transitions import transition_prior
 from fedrec.logs import setup_logging
 from fedrec.model.adapters import load_saved_adapter
 from fedrec.prepare import PreparedData, prepare
@@ -23,6 +24,7 @@ from fedrec.results import RunRecord, read_record
 from fedrec.runtime import configure_threads
 from fedrec.tracking import TensorBoardLog
 from server.item_counts import run_item_counts
+from server.item_transitions import run_item_transitions
 from server.optimizer_state import keeps_state, optimizer_state, restore_optimizer_state
 from server.sampling import SeededSampling
 from server.secure_aggregation import SecAggFedRec
@@ -142,6 +144,14 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config[records.ITEM_COUNTS] = counts.tolist()
         if summary is not None:
             record.model[records.ITEM_COUNTS] = summary
+            record.write(out_dir)
+    if config.transitions.enabled:
+        transitions, summary = run_item_transitions(
+            grid, config, prepared.catalogue_digest, prepared.num_items, out_dir, timeout
+        )
+        model.user_prior = transition_prior(transitions, config.transitions)
+        if summary is not None:
+            record.model[records.TRANSITIONS_ACTION] = summary
             record.write(out_dir)
 
     if config.secagg.enabled:

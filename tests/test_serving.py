@@ -13,7 +13,7 @@ import torch
 
 from fedrec.checkpoint import save_checkpoint
 from fedrec.cli import main
-from fedrec.config import ConfigError, load_config, to_run_config
+from fedrec.config import ConfigError, TransitionConfig, load_config, to_run_config
 from fedrec.evaluation import (
     encode_items,
     encode_users,
@@ -22,6 +22,11 @@ from fedrec.evaluation import (
     model_scorer,
 )
 from fedrec.item_counts import save_item_counts
+from fedrec.item_transitions import (
+    local_transitions,
+    save_transitions,
+    transition_prior,
+)
 from fedrec.model.adapters import adapter_state, load_adapter_state
 from fedrec.model.build import build_recommender, token_table
 from fedrec.model.personal_vector import personalise
@@ -228,6 +233,38 @@ def test_popularity_prior_is_added_to_the_served_scores(run_dir, recommender, re
     finally:
         (run_dir / "item-counts.npy").unlink()
 
+
+
+def test_transition_prior_is_added_to_the_served_scores(run_dir, recommender, reference):
+    _, prepared, _, _ = reference
+    settings = {"transitions.weight": 0.2, "transitions.last-items": 5}
+    with pytest.raises(RunDirectoryError, match="item-transitions.npz"):
+        Recommender.from_run(run_dir, overrides=settings)
+    counts = local_transitions(prepared.all_train_items, prepared.num_items, 4)
+    save_transitions(run_dir, counts)
+    try:
+        served = Recommender.from_run(run_dir, overrides=settings)
+        user_id = str(prepared.users["user_id"].iloc[2])
+        known = _known_items(prepared, 2)
+        prior = transition_prior(counts, TransitionConfig(weight=0.2, last_items=5))([known])[0].numpy()
+        scores = (recommender.items @ recommender.user_vector(known)).numpy() + prior
+        scores[known] = -np.inf
+        expected = np.argsort(-scores, kind="stable")[:5]
+        found = served.for_user(user_id, k=5)
+        assert [r.item_id for r in found] == prepared.items["item_id"].iloc[expected].tolist()
+        np.testing.assert_allclose([r.score for r in found], scores[expected], atol=1e-5)
+        assert [r.item_id for r in found] != [r.item_id for r in recommender.for_user(user_id, k=5)]
+        # a new user given by item ids gets the prior of that history
+        ids = prepared.items["item_id"].iloc[known[-3:]].astype(str).tolist()
+        history = np.asarray(known[-3:])
+        new_scores = (recommender.items @ recommender.user_vector(history)).numpy()
+        new_scores += transition_prior(counts, TransitionConfig(weight=0.2, last_items=5))([history])[0].numpy()
+        new_scores[history] = -np.inf
+        assert [r.item_id for r in served.for_history(ids, k=3)] == prepared.items["item_id"].iloc[
+            np.argsort(-new_scores, kind="stable")[:3]
+        ].tolist()
+    finally:
+        (run_dir / "item-transitions.npz").unlink()
 
 def test_only_evaluation_settings_change_after_training(run_dir):
     with pytest.raises(ConfigError, match=r"'lora.r'.*cannot change after training"):

@@ -9,6 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedrec.checkpoint import latest_checkpoint, load_server_state
 from fedrec.cli import main
+from fedrec.config import load_config
+from fedrec.item_transitions import load_transitions, local_transitions
+from fedrec.prepare import prepare
 from server.sampling import seeded_draw
 from simulations.runner import _local_superlinks, simulate
 from tests.conftest import toy_run_config
@@ -76,7 +79,9 @@ def test_smoke_simulation_trains_checkpoints_and_resumes(tmp_path, flwr_home, ca
 
 def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, capsys):
     """The item-identity table travels, is averaged, stepped by FedAdam, checkpointed and
-    served; the clients train with FedProx's proximal term, its mu sent in the train config."""
+    served; the clients train with FedProx's proximal term, its mu sent in the train config.
+    Before round 1 every client sends its transition counts (transitions.*), which the
+    server sums, saves, ranks with and keeps for the resumed run."""
     from safetensors.torch import load_file
 
     overrides = toy_run_config(
@@ -87,10 +92,20 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
             "server-optimizer": "fedadam",
             "server-lr": 0.01,
             "proximal-mu": 0.01,
+            "transitions.weight": 0.2,
+            "transitions.window": 3,
         },
     )
     results = simulate("smoke", overrides, stream=False)
     num_items = results["dataset"]["num_items"]
+    # every client's exact counts, summed: the count over every user's training items
+    asked = results["model"]["transitions"]
+    assert asked["clients"] == 20 and asked["failures"] == 0
+    config = load_config(results["settings"])  # the smoke preset's, with the overrides
+    prepared = prepare(config.data, config.eval)
+    summed = load_transitions(tmp_path / "out", num_items)
+    np.testing.assert_array_equal(summed.toarray(), local_transitions(prepared.all_train_items, num_items, 3).toarray())
+    assert asked["total"] == summed.sum() > 0
     table_bytes = num_items * 32 * 4  # the tiny BERT is 32 wide
     for record in results["rounds"]:
         assert record["clients"] == 5 and record["failures"] == 0 and record["rejected_updates"] == 0
@@ -115,6 +130,7 @@ def test_item_identities_with_fedadam_through_flwr_run(tmp_path, flwr_home, caps
     stepped = {"server-lr-step-round": f"{last_round},{last_round + 1}", "server-lr-step-to": "0.005,0.001"}
     after = simulate("smoke", {**overrides, **stepped, "num-server-rounds": last_round + 1, "resume": True}, stream=False)
     assert [r["server_lr"] for r in after["rounds"]] == [0.01] * last_round + [0.001]
+    assert after["model"]["transitions"] == asked  # reused, not asked again
     resumed = load_server_state(latest_checkpoint(tmp_path / "out")[1])
     for key, before in moments.items():
         if key.startswith("v_t/"):

@@ -189,9 +189,24 @@ class Recommender:
             )
         return vector[0].float()
 
-    def top_k(self, user_vector: torch.Tensor, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(item indices, scores) of the k best catalogue items, ``exclude`` left out."""
-        return top_k(self.items, user_vector, exclude, k, self.trained.item_prior)
+    def top_k(
+        self, user_vector: torch.Tensor, exclude: np.ndarray, k: int, history: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, scores) of the k best catalogue items, ``exclude`` left out
+        (``history``: the user's catalogue items, which the transition prior reads)."""
+        return top_k(self.items, user_vector, exclude, k, self._prior(history))
+
+    def _prior(self, history: np.ndarray | None) -> torch.Tensor | None:
+        """What is added to the cosine scores: the popularity prior and the user's
+        transition prior (zero for items that have no counts, e.g. items added after training)."""
+        prior = self.trained.item_prior
+        user_prior = self.trained.user_prior
+        if user_prior is None or history is None or not len(history):
+            return prior
+        from_history = user_prior([np.asarray(history, dtype=np.int64)])[0]
+        padded = from_history.new_zeros(len(self.items))
+        padded[: len(from_history)] = from_history
+        return padded if prior is None else prior + padded
 
     def _explain(self, recommended: np.ndarray, history: np.ndarray) -> list[tuple[str, ...]]:
         if not len(history) or not self.explanations:
@@ -212,7 +227,7 @@ class Recommender:
         # a free-text title that names a catalogue item is something the user has too
         named = [self._index_of_title[t.strip().casefold()] for t in texts if t.strip().casefold() in self._index_of_title]
         exclude = np.concatenate([history, np.asarray(named, dtype=np.int64)])
-        indices, scores = self.top_k(self.user_vector(history, texts), exclude, k)
+        indices, scores = self.top_k(self.user_vector(history, texts), exclude, k, history)
         reasons = self._explain(indices, exclude)
         return [
             Recommendation(self.item_ids[i], self.titles[i], float(s), why)

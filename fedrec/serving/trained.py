@@ -32,6 +32,12 @@ from fedrec.config import (
     to_run_config,
 )
 from fedrec.item_counts import COUNTS_FILE, load_item_counts, popularity_prior
+from fedrec.item_transitions import (
+    TRANSITIONS_FILE,
+    TransitionPrior,
+    load_transitions,
+    transition_prior,
+)
 from fedrec.model.adapters import (
     AdapterStateError,
     load_local_adapter_state,
@@ -67,6 +73,8 @@ class TrainedModel:
     quantization: str
     item_prior: torch.Tensor | None = None
     """Added to every item's score (``popularity.*``; None when off)."""
+    user_prior: TransitionPrior | None = None
+    """Added to a user's scores of the run's items, from their history (``transitions.*``)."""
     averaged_rounds: tuple[int, ...] = ()
     """The rounds whose checkpoints were averaged (empty: ``server_round``'s alone)."""
     local_adapters: str = ""
@@ -102,7 +110,17 @@ def run_config_of(run_dir: Path) -> FedRecConfig:
     return load_config(settings)
 
 
-EVALUATION_SETTINGS = ("personal.", "runtime.", "eval.k", "eval.max-users", "popularity.weight")
+EVALUATION_SETTINGS = (
+    "personal.",
+    "runtime.",
+    "eval.k",
+    "eval.max-users",
+    "popularity.weight",
+    "transitions.weight",
+    "transitions.last-items",
+    "transitions.decay",
+    "transitions.exponent",
+)
 """Settings (or prefixes) that may differ from training's; the rest would not match the checkpoint."""
 
 
@@ -129,6 +147,20 @@ def run_item_prior(run_dir: Path, config: FedRecConfig, num_items: int) -> torch
             "which only a run trained with popularity.weight > 0 has"
         )
     return popularity_prior(counts, config.popularity)
+
+
+def run_transition_prior(run_dir: Path, config: FedRecConfig, num_items: int) -> TransitionPrior | None:
+    """The transition prior of a run (None when ``transitions.weight`` is 0), from the
+    counts its clients sent (``item-transitions.npz``)."""
+    if not config.transitions.enabled:
+        return None
+    counts = load_transitions(run_dir, num_items)
+    if counts is None:
+        raise RunDirectoryError(
+            f"transitions.weight={config.transitions.weight} needs {Path(run_dir) / TRANSITIONS_FILE}, "
+            "which only a run trained with transitions.weight > 0 has"
+        )
+    return transition_prior(counts, config.transitions)
 
 
 def find_checkpoint(run_dir: Path, server_round: int | None) -> tuple[int, Path]:
@@ -267,6 +299,7 @@ def load_trained(
         server_round=server_round,
         quantization=quantization,
         item_prior=prior,
+        user_prior=run_transition_prior(run_dir, config, prepared.num_items),
         averaged_rounds=averaged,
         local_adapters=local_digest,
         new_items=added,
