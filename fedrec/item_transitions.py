@@ -33,7 +33,7 @@ meaningful ε: measured in docs/results.md ("levers tried").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,17 @@ def local_transitions(sequences: Sequence[np.ndarray], num_items: int, window: i
     counts = sp.coo_matrix((np.ones(len(row)), (row, col)), shape=(num_items, num_items))
     counts.sum_duplicates()
     return counts
+
+
+def sum_counts(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], num_items: int) -> sp.csr_matrix:
+    """The sum of clients' counts, each given as (rows, columns, counts)."""
+    parts = list(parts)
+    if not parts:
+        return sp.csr_matrix((num_items, num_items), dtype=np.float64)
+    rows, cols, counts = (np.concatenate([np.asarray(part[i]) for part in parts]) for i in range(3))
+    return sp.csr_matrix(
+        (counts.astype(np.float64), (rows.astype(np.int64), cols.astype(np.int64))), shape=(num_items, num_items)
+    )
 
 
 def transition_weights(counts: sp.spmatrix, exponent: float) -> sp.csr_matrix:

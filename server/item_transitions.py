@@ -18,6 +18,7 @@ from fedrec.item_transitions import (
     check_catalogue_size,
     load_transitions,
     save_transitions,
+    sum_counts,
 )
 from server.queries import ask_every_node
 
@@ -47,8 +48,7 @@ def query_transitions(
             continue
         parts.append((rows, cols, counts))
     clients = len(parts)
-    rows, cols, counts = (np.concatenate([part[i] for part in parts]) if parts else np.zeros(0) for i in range(3))
-    total = sp.csr_matrix((counts, (rows.astype(np.int64), cols.astype(np.int64))), shape=(num_items, num_items))
+    total = sum_counts(parts, num_items)
     summary = {
         records.ITEM_COUNT_CLIENTS: clients,
         records.ITEM_COUNT_FAILURES: replies.failures + len(replies.ok) - clients,
