@@ -201,8 +201,9 @@ def query(msg: Message, context: Context) -> Message:
 def transitions(msg: Message, context: Context) -> Message:
     """Reply with this client's exact item-to-item transition counts (``transitions.*``).
 
-    Not private (:mod:`fedrec.item_transitions`): a run with ``dp.enabled``, user-level
-    DP or SecAgg+ never asks, and a client whose settings have any of them refuses.
+    Not private (:mod:`fedrec.item_transitions`): settings that combine the prior with
+    ``dp.enabled``, user-level DP or SecAgg+ do not load, and a client whose settings
+    have it off (``transitions.weight`` 0) refuses.
     """
     config = load_config(context.run_config)
     if not config.transitions.enabled:

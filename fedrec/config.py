@@ -632,7 +632,7 @@ class FedRecConfig:
                     "transitions.weight",
                     f"cannot be used with {setting}: each device sends its exact transition "
                     "counts, which no privacy setting covers (noised, they lose their signal; "
-                    "see docs/results.md)",
+                    "see docs/privacy.md)",
                 )
             _check(
                 self.federation.fraction_evaluate == 0,

@@ -20,7 +20,8 @@ sum over clients:
    where ``out`` and ``in`` are C's row and column sums: the items that followed
    the user's recent ones, most for the most recent, discounted by how common
    they are. Only the user's own history and the summed counts are needed, so a
-   device computes its prior itself, as it does its private vector.
+   device given the summed counts computes its prior itself, as it does its
+   private vector.
 
 **Privacy: none.** Each device's reply is exact: the server learns which of the
 device's items followed which within the window. This is for non-private
@@ -28,7 +29,7 @@ federations only, where the server is trusted with as much (a non-private
 update of the item identity table already shows which items a device trained
 on); it is refused with ``dp.enabled``, user-level DP and SecAgg+. Noised on
 each device as the popularity prior's counts are, the counts are useless at any
-meaningful ε: measured in docs/results.md ("levers tried").
+meaningful ε (docs/privacy.md, ``benchmarks/transition_noise.py``).
 """
 
 from __future__ import annotations
