@@ -86,23 +86,26 @@ def sweep(
     last_items: Sequence[int] = LAST_ITEMS,
     decays: Sequence[float] = DECAYS,
 ) -> dict:
-    """Every setting's validation figures, the best one's (by NDCG@k) test figures, and the
-    model's own (weight 0) on both splits."""
+    """Every setting's validation figures, the best one's (by NDCG@k) test figures, the
+    model's own (weight 0) on both splits, and the prior alone (no model: a counting
+    baseline on the same counts), its window, last items and decay chosen the same way."""
     k, prepared = model.config.eval.k, model.prepared
     scores = {split: score_matrix(model, split) for split in ("valid", "test")}
     histories = {split: histories_for(prepared, split) for split in scores}
 
-    def metrics(split: str, prior: np.ndarray | None) -> dict[str, float]:
-        matrix = scores[split] if prior is None else scores[split] + prior
+    def metrics(split: str, prior: np.ndarray | None, alone: bool = False) -> dict[str, float]:
+        matrix = scores[split] if prior is None else prior if alone else scores[split] + prior
         return evaluate_scorer(lambda users: matrix[users], prepared, split, k, beyond=True)
 
-    result = {"k": k, "without": {split: metrics(split, None) for split in scores}, "tried": []}
+    result = {"k": k, "without": {split: metrics(split, None) for split in scores}, "tried": [], "alone": []}
     counts = {}
     for window in windows:
         counts[window] = summed_counts(model, window)
         for last, decay in itertools.product(last_items, decays):
             unit = transition_prior(counts[window], TransitionConfig(1.0, window, last, decay))
             prior = unit(histories["valid"]).numpy()
+            alone = {"window": window, "last_items": last, "decay": decay}
+            result["alone"].append({**alone, "valid": metrics("valid", prior, alone=True)})
             for weight in weights:
                 found = metrics("valid", weight * prior)
                 setting = {"weight": weight, "window": window, "last_items": last, "decay": decay}
@@ -113,6 +116,10 @@ def sweep(
     test_prior = transition_prior(counts[chosen.window], chosen)(histories["test"]).numpy()
     result["chosen"] = {**{key: best[key] for key in ("weight", "window", "last_items", "decay")}, "exponent": chosen.exponent}
     result["test"] = metrics("test", test_prior)
+    alone = max(result["alone"], key=lambda t: t["valid"][f"ndcg@{k}"])
+    unit = TransitionConfig(1.0, alone["window"], alone["last_items"], alone["decay"])
+    result["alone_chosen"] = {key: alone[key] for key in ("window", "last_items", "decay")}
+    result["alone_test"] = metrics("test", transition_prior(counts[unit.window], unit)(histories["test"]).numpy(), alone=True)
     result["counts"] = counts[chosen.window]
     return result
 
@@ -137,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     k = result["k"]
-    for name, found in (("without", result["without"]["test"]), ("chosen", result["test"])):
+    for name, found in (
+        ("model alone", result["without"]["test"]),
+        ("prior alone", result["alone_test"]),
+        ("model + prior", result["test"]),
+    ):
         print(f"{name}: test hr@{k} {found[f'hr@{k}']:.4f} ndcg@{k} {found[f'ndcg@{k}']:.4f} "
               f"hr@{k}_full {found[f'hr@{k}_full']:.4f}")
     print(f"chosen on validation: {result['chosen']}; written to {out}")

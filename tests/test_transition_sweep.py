@@ -49,6 +49,8 @@ def test_sweep_chooses_on_validation_and_matches_fedrec_evaluate(run_dir, capsys
     assert {key: chosen[key] for key in ("weight", "window", "last_items", "decay")} == {
         key: best[key] for key in ("weight", "window", "last_items", "decay")
     }
+    assert len(result["alone"]) == len(transition_sweep.WINDOWS) * 2 * 3
+    assert result["alone_test"][f"hr@{k}"] != result["test"][f"hr@{k}"] or result["alone_test"][f"ndcg@{k}"] != result["test"][f"ndcg@{k}"]
     # the saved counts are the chosen window's, and `fedrec evaluate` with the chosen
     # settings reproduces the sweep's test figures through the library's own path
     saved = load_transitions(run_dir, load_run(run_dir)[0].prepared.num_items)
