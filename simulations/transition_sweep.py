@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from fedrec.client_data import load_client_data
 from fedrec.config import TransitionConfig
+from fedrec.errors import check_setting
 from fedrec.evaluation import evaluate_scorer, histories_for, model_scorer
 from fedrec.global_model import GlobalModel
 from fedrec.item_transitions import (
@@ -89,6 +90,11 @@ def sweep(
     """Every setting's validation figures, the best one's (by NDCG@k) test figures, the
     model's own (weight 0) on both splits, and the prior alone (no model: a counting
     baseline on the same counts), its window, last items and decay chosen the same way."""
+    check_setting(
+        not model.config.train.include_valid_item,
+        "train.include-valid-item",
+        "the run trained on the validation items, so the prior cannot be tuned on them",
+    )
     k, prepared = model.config.eval.k, model.prepared
     scores = {split: score_matrix(model, split) for split in ("valid", "test")}
     histories = {split: histories_for(prepared, split) for split in scores}

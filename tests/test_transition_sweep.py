@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedrec.checkpoint import save_checkpoint
-from fedrec.config import load_config, to_run_config
+from fedrec.config import ConfigError, load_config, to_run_config
 from fedrec.item_transitions import (
     TRANSITIONS_FILE,
     load_transitions,
@@ -20,15 +20,19 @@ from simulations import transition_sweep
 from tests.conftest import toy_run_config
 
 
-@pytest.fixture()
-def run_dir(tmp_path):
+def _write_run(folder, **overrides):
     """A run folder as `fedrec simulate` writes it (one checkpoint), without the prior."""
-    config = load_config(toy_run_config(tmp_path))
+    config = load_config(toy_run_config(folder, **overrides))
     prepare(config.data, config.eval)
-    out = tmp_path / "out"
+    out = folder / "out"
     save_checkpoint(build_recommender(config.model, config.lora).encoder, out, 1)
     RunRecord(settings=to_run_config(config)).write(out)
     return out
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    return _write_run(tmp_path)
 
 
 def test_counts_are_the_sum_of_what_each_client_holds(run_dir):
@@ -72,3 +76,9 @@ def test_sweep_chooses_on_validation_and_matches_fedrec_evaluate(run_dir, capsys
     before = (run_dir / TRANSITIONS_FILE).read_bytes()
     assert transition_sweep.main(["--model", str(run_dir), "--threads", "1", "--save"]) == 0
     assert "not saved" in capsys.readouterr().out and (run_dir / TRANSITIONS_FILE).read_bytes() == before
+
+
+def test_a_run_that_trained_on_the_validation_items_is_refused(tmp_path):
+    out = _write_run(tmp_path, **{"train.include-valid-item": True})
+    with pytest.raises(ConfigError, match="train.include-valid-item"):
+        transition_sweep.main(["--model", str(out), "--threads", "1"])
