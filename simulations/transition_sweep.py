@@ -52,15 +52,17 @@ LAST_ITEMS = (20, 50)
 DECAYS = (0.8, 0.9, 0.95)
 
 
-def summed_counts(model: GlobalModel, window: int) -> sp.csr_matrix:
-    """The sum of every partition's exact counts: what the run's query would return."""
+def client_sequences(model: GlobalModel) -> list[list[np.ndarray]]:
+    """Each partition's training sequences: what each of the run's clients holds."""
     config, prepared = model.config, model.prepared
     partitions = resolve_num_partitions(config.partition, prepared.num_users, config.partition.num_partitions)
-    each = (
-        local_transitions(load_client_data(config, prepared, p, partitions).sequences, prepared.num_items, window)
-        for p in range(partitions)
-    )
-    return sum_counts(((c.row, c.col, c.data) for c in each), prepared.num_items)
+    return [load_client_data(config, prepared, p, partitions).sequences for p in range(partitions)]
+
+
+def summed_counts(clients: list[list[np.ndarray]], num_items: int, window: int) -> sp.csr_matrix:
+    """The sum of every client's exact counts: what the run's query would return."""
+    each = (local_transitions(sequences, num_items, window) for sequences in clients)
+    return sum_counts(((c.row, c.col, c.data) for c in each), num_items)
 
 
 def score_matrix(model: GlobalModel, split: str) -> np.ndarray:
@@ -105,8 +107,9 @@ def sweep(
 
     result = {"k": k, "without": {split: metrics(split, None) for split in scores}, "tried": [], "alone": []}
     counts = {}
+    clients = client_sequences(model)
     for window in windows:
-        counts[window] = summed_counts(model, window)
+        counts[window] = summed_counts(clients, prepared.num_items, window)
         for last, decay in itertools.product(last_items, decays):
             unit = transition_prior(counts[window], TransitionConfig(1.0, window, last, decay))
             prior = unit(histories["valid"]).numpy()

@@ -37,7 +37,9 @@ def run_dir(tmp_path):
 
 def test_counts_are_the_sum_of_what_each_client_holds(run_dir):
     model, _ = load_run(run_dir, None, {"runtime.threads": 1})
-    summed = transition_sweep.summed_counts(model, 4)
+    clients = transition_sweep.client_sequences(model)
+    assert len(clients) == model.prepared.num_users
+    summed = transition_sweep.summed_counts(clients, model.prepared.num_items, 4)
     central = local_transitions(model.prepared.all_train_items, model.prepared.num_items, 4)
     np.testing.assert_array_equal(summed.toarray(), central.toarray())  # one user per client
 
