@@ -46,10 +46,10 @@ from fedrec.runtime import autocast
 
 log = logging.getLogger("fedrec.transition_sweep")
 
-WEIGHTS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-WINDOWS = (5, 10, 20)
+WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+WINDOWS = (5, 10, 20, 50)
 LAST_ITEMS = (20, 50)
-DECAYS = (0.8, 0.9, 0.95)
+DECAYS = (0.6, 0.7, 0.8, 0.9)
 
 
 def client_sequences(model: GlobalModel) -> list[list[np.ndarray]]:
