@@ -23,6 +23,7 @@ from fedrec.evaluation import encode_items
 from fedrec.examples import NextItemDataset, build_examples
 from fedrec.global_model import GlobalModel
 from fedrec.hard_negatives import text_neighbours
+from fedrec.item_transitions import local_transitions, transition_prior
 from fedrec.model.build import training_recency
 from fedrec.model.frozen_cache import compute_item_states, first_adapted_layer
 from fedrec.prepare import prepare
@@ -70,6 +71,9 @@ def train_centralized(config: FedRecConfig, steps: int, eval_every: int) -> dict
     configure_threads(config.runtime)
     prepared = prepare(config.data, config.eval)
     model = GlobalModel(config, prepared)
+    if config.transitions.enabled:  # the pooled items' counts: what the clients' counts sum to
+        counts = local_transitions(prepared.all_train_items, prepared.num_items, config.transitions.window)
+        model.user_prior = transition_prior(counts, config.transitions)
     if config.model.cache_frozen_items:
         model.model.item_states = compute_item_states(
             model.model.encoder, model.table, first_adapted_layer(config.lora)

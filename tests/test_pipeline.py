@@ -110,6 +110,11 @@ def test_centralized_baseline_trains_across_epochs_and_reports(tmp_path):
     assert (tmp_path / "out" / "centralized.json").exists()
     assert 0 <= results["final"]["hr@10_full"] <= 1
 
+    # the transition prior (transitions.*) from the pooled items' counts changes the ranking
+    with_prior = load_config(toy_run_config(tmp_path, **{"train.batch-size": 64, "transitions.weight": 1.0}))
+    ranked = train_centralized(with_prior, steps=5, eval_every=3)["final"]
+    assert ranked["ndcg@10"] != results["final"]["ndcg@10"]
+
 
 def test_beyond_accuracy_of_an_oracle(toy_prepared):
     """An oracle's top-1 is the held-out item: coverage = distinct targets, no popularity bias."""
