@@ -139,11 +139,14 @@ def check_catalogue_size(num_items: int) -> None:
         )
 
 
-def save_transitions(run_dir: Path, counts: sp.spmatrix) -> Path:
-    """Write ``run_dir/item-transitions.npz`` (sparse)."""
+def save_transitions(run_dir: Path, counts: sp.spmatrix, window: int) -> Path:
+    """Write ``run_dir/item-transitions.npz``: the counts (sparse) and the window they were counted with."""
     path = Path(run_dir) / TRANSITIONS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    sp.save_npz(path, sp.csr_matrix(counts, dtype=np.float64))
+    csr = sp.csr_matrix(counts, dtype=np.float64)
+    np.savez_compressed(
+        path, data=csr.data, indices=csr.indices, indptr=csr.indptr, shape=np.array(csr.shape), window=np.array(window)
+    )
     return path
 
 
@@ -152,7 +155,18 @@ def load_transitions(run_dir: Path, num_items: int) -> sp.csr_matrix | None:
     path = Path(run_dir) / TRANSITIONS_FILE
     if not path.exists():
         return None
-    counts = sp.load_npz(path).tocsr()
+    with np.load(path) as saved:
+        counts = sp.csr_matrix((saved["data"], saved["indices"], saved["indptr"]), shape=tuple(saved["shape"]))
     if counts.shape != (num_items, num_items):
         raise ValueError(f"{path}: counts of {counts.shape[0]} items for a catalogue of {num_items} items")
     return counts
+
+
+def saved_window(run_dir: Path) -> int | None:
+    """The window the counts in ``run_dir`` were counted with (None without counts or
+    for a file that does not record it)."""
+    path = Path(run_dir) / TRANSITIONS_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as saved:
+        return int(saved["window"]) if "window" in saved.files else None

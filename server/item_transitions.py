@@ -18,6 +18,7 @@ from fedrec.item_transitions import (
     check_catalogue_size,
     load_transitions,
     save_transitions,
+    saved_window,
     sum_counts,
 )
 from server.queries import ask_every_node
@@ -69,17 +70,21 @@ def run_item_transitions(
     """The run's summed counts: those saved in ``out_dir`` when resuming with the same
     catalogue, else a fresh query, saved. Returns them and the query's summary (None when reused)."""
     check_catalogue_size(num_items)
+    window = config.transitions.window
     if config.federation.resume:
         try:
             saved = load_transitions(out_dir, num_items)
         except ValueError as err:  # the catalogue grew (incremental learning): ask again
             log.info("Not reusing the saved transition counts: %s", err)
             saved = None
+        if saved is not None and saved_window(out_dir) != window:
+            log.info("Not reusing the saved transition counts: counted with another transitions.window")
+            saved = None
         if saved is not None:
             log.info("Reusing the transition counts of %s", out_dir)
             return saved, None
     total, summary = query_transitions(grid, catalogue_digest, num_items, timeout)
-    save_transitions(out_dir, total)
+    save_transitions(out_dir, total, window)
     log.info(
         "Transition counts from %d clients (%d failed): %d item pairs",
         summary[records.ITEM_COUNT_CLIENTS],

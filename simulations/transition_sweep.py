@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (args.model / TRANSITIONS_FILE).exists():
             print(f"not saved: {args.model / TRANSITIONS_FILE} exists")
         else:
-            print(f"saved {save_transitions(args.model, counts)}")
+            print(f"saved {save_transitions(args.model, counts, result['chosen']['window'])}")
     return 0
 
 

@@ -17,6 +17,7 @@ from fedrec.item_transitions import (
     load_transitions,
     local_transitions,
     save_transitions,
+    saved_window,
     transition_prior,
     transition_weights,
 )
@@ -66,9 +67,10 @@ def test_prior_favours_what_followed_the_most_recent_items():
 
 def test_counts_are_saved_sparse_and_checked_against_the_catalogue(tmp_path):
     counts = local_transitions([np.array([0, 1, 2])], num_items=3, window=2)
-    assert load_transitions(tmp_path, 3) is None
-    save_transitions(tmp_path, counts)
+    assert load_transitions(tmp_path, 3) is None and saved_window(tmp_path) is None
+    save_transitions(tmp_path, counts, 2)
     np.testing.assert_array_equal(load_transitions(tmp_path, 3).toarray(), counts.toarray())
+    assert saved_window(tmp_path) == 2
     with pytest.raises(ValueError, match="counts of 3 items for a catalogue of 4"):
         load_transitions(tmp_path, 4)
     with pytest.raises(ValueError, match="up to 20000 items"):
@@ -161,6 +163,12 @@ def test_server_sums_every_clients_exact_counts_saves_and_reuses_them(tmp_path, 
     resumed = load_config({**run_config, "resume": True})
     again, summary = run_item_transitions(InProcessGrid(run_config, n), resumed, prepared.catalogue_digest, prepared.num_items, out, 10.0)
     assert summary is None and (again != total).nnz == 0  # no client asked again
+    # resumed with another window: the saved counts do not fit, so every client is asked again
+    wider = load_config({**run_config, "resume": True, "transitions.window": 4})
+    grid = InProcessGrid({**run_config, "transitions.window": 4}, n)
+    recounted, summary = run_item_transitions(grid, wider, prepared.catalogue_digest, prepared.num_items, out, 10.0)
+    assert len(grid.sent) == n and summary["clients"] == n and recounted.sum() > total.sum()
+    assert saved_window(out) == 4
 
     # a client whose settings have the prior off sends nothing
     off = InProcessGrid({**run_config, "transitions.weight": 0.0}, 2)

@@ -241,7 +241,7 @@ def test_transition_prior_is_added_to_the_served_scores(run_dir, recommender, re
     with pytest.raises(RunDirectoryError, match="item-transitions.npz"):
         Recommender.from_run(run_dir, overrides=settings)
     counts = local_transitions(prepared.all_train_items, prepared.num_items, 4)
-    save_transitions(run_dir, counts)
+    save_transitions(run_dir, counts, 4)
     try:
         served = Recommender.from_run(run_dir, overrides=settings)
         user_id = str(prepared.users["user_id"].iloc[2])
