@@ -46,7 +46,8 @@ from fedrec.config import TransitionConfig
 
 TRANSITIONS_FILE = "item-transitions.npz"
 MAX_ITEMS = 20_000
-"""Largest catalogue for which the summed counts and each user's prior are kept dense."""
+"""Largest catalogue served: each user's prior is a dense row over the catalogue
+(the summed counts stay sparse)."""
 
 
 def local_transitions(sequences: Sequence[np.ndarray], num_items: int, window: int) -> sp.coo_matrix:
