@@ -4,8 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedrec import records
 from fedrec.config import LoraSettings, ModelConfig
 from fedrec.model.build import build_recommender
 from fedrec.model.encoder import load_tokenizer
@@ -131,3 +133,34 @@ def client_round_evaluated_by_server(config, prepared, table, server, start):
     metrics = server.evaluate("test")
     assert 0.0 <= metrics["hr@10"] <= 1.0 and metrics["num_users"] == 24
     return out
+
+
+class InProcessGrid:
+    """A Grid whose nodes are the ClientApp's query handlers (popularity counts,
+    transition counts) called in this process."""
+
+    def __init__(self, run_config, num_nodes):
+        self.contexts = {
+            node: Context(
+                run_id=7,
+                node_id=node,
+                node_config={"partition-id": node, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node in range(num_nodes)
+        }
+        self.sent: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from clients.client_app import query, transitions
+
+        replies = []
+        for message in messages:
+            self.sent.append(message.metadata.message_type)
+            handler = transitions if message.metadata.message_type.endswith(records.TRANSITIONS_ACTION) else query
+            replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
+        return replies

@@ -32,7 +32,7 @@ from fedrec.privacy.accounting import (
     plan_noise_multiplier,
 )
 from fedrec.privacy.config import PrivacyConfig
-from tests.conftest import toy_run_config
+from tests.conftest import InProcessGrid, toy_run_config
 
 
 def test_counts_are_the_targets_of_the_training_examples():
@@ -156,28 +156,6 @@ def test_client_reply_is_noised_and_its_release_is_accounted(tmp_path, task_iden
     refused, _ = _ask(tight, prepared)
     assert refused.has_error() and refused.error.code == records.BUDGET_EXHAUSTED
     assert math.isfinite(metrics[records.EPSILON])
-
-
-class InProcessGrid:
-    """A Grid whose nodes are the ClientApp's ``query`` handler called in this process."""
-
-    def __init__(self, run_config, num_nodes):
-        self.contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={"partition-id": node, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(num_nodes)
-        }
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        return [query(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
 
 
 def test_server_sums_every_clients_counts_saves_them_and_reuses_them_on_resume(tmp_path, task_identity, monkeypatch):

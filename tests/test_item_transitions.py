@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from flwr.app import Context, RecordDict
 
-from clients.client_app import query, transitions
 from fedrec import records
 from fedrec.client_data import load_client_data
 from fedrec.config import ConfigError, TransitionConfig, load_config
@@ -23,7 +21,7 @@ from fedrec.item_transitions import (
 )
 from fedrec.model.build import build_recommender, token_table
 from fedrec.prepare import prepare
-from tests.conftest import toy_run_config
+from tests.conftest import InProcessGrid, toy_run_config
 
 
 def test_each_target_counts_the_window_of_items_before_it():
@@ -109,34 +107,6 @@ def test_scorer_adds_each_users_prior_from_their_own_history(toy_prepared):
     np.testing.assert_allclose(with_prior, expected, atol=1e-6)
     rows = prior([histories[3], histories[1]]).numpy()
     assert rows.max() == pytest.approx(0.5) and not np.allclose(rows[0], rows[1])  # per user, not per item
-
-
-class InProcessGrid:
-    """A Grid whose nodes are the ClientApp's query handlers called in this process."""
-
-    def __init__(self, run_config, num_nodes):
-        self.contexts = {
-            node: Context(
-                run_id=7,
-                node_id=node,
-                node_config={"partition-id": node, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(num_nodes)
-        }
-        self.sent: list[str] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for message in messages:
-            self.sent.append(message.metadata.message_type)
-            handler = transitions if message.metadata.message_type.endswith(records.TRANSITIONS_ACTION) else query
-            replies.append(handler(message, self.contexts[message.metadata.dst_node_id]))
-        return replies
 
 
 def test_server_sums_every_clients_exact_counts_saves_and_reuses_them(tmp_path, task_identity):
