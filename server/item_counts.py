@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from fedrec import records
 from fedrec.config import FedRecConfig
 from fedrec.item_counts import load_item_counts, save_item_counts
-from server.queries import ask_every_node
+from server.queries import ask_every_node, saved_for_resume
 
 log = logging.getLogger("fedrec.server")
 
@@ -68,13 +68,8 @@ def run_item_counts(
     per run) and the catalogue is the same, else a fresh query, saved. Returns them
     and the query's summary (None when reused)."""
     if config.federation.resume:
-        try:
-            saved = load_item_counts(out_dir, num_items)
-        except ValueError as err:  # the catalogue grew (incremental learning): ask again
-            log.info("Not reusing the saved item counts: %s", err)
-            saved = None
+        saved = saved_for_resume(lambda: load_item_counts(out_dir, num_items), "item counts", out_dir)
         if saved is not None:
-            log.info("Reusing the item counts of %s", out_dir)
             return saved, None
     found = query_item_counts(grid, catalogue_digest, num_items, timeout)
     if found.clients == 0:

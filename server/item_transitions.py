@@ -21,7 +21,7 @@ from fedrec.item_transitions import (
     saved_window,
     sum_counts,
 )
-from server.queries import ask_every_node
+from server.queries import ask_every_node, saved_for_resume
 
 log = logging.getLogger("fedrec.server")
 
@@ -72,16 +72,15 @@ def run_item_transitions(
     check_catalogue_size(num_items)
     window = config.transitions.window
     if config.federation.resume:
-        try:
+
+        def load() -> sp.csr_matrix | None:
             saved = load_transitions(out_dir, num_items)
-        except ValueError as err:  # the catalogue grew (incremental learning): ask again
-            log.info("Not reusing the saved transition counts: %s", err)
-            saved = None
-        if saved is not None and saved_window(out_dir) != window:
-            log.info("Not reusing the saved transition counts: counted with another transitions.window")
-            saved = None
+            if saved is not None and saved_window(out_dir) != window:
+                raise ValueError(f"counted with another transitions.window than {window}")
+            return saved
+
+        saved = saved_for_resume(load, "transition counts", out_dir)
         if saved is not None:
-            log.info("Reusing the transition counts of %s", out_dir)
             return saved, None
     total, summary = query_transitions(grid, catalogue_digest, num_items, timeout)
     save_transitions(out_dir, total, window)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -11,6 +14,8 @@ from flwr.serverapp import Grid
 from fedrec import records
 
 log = logging.getLogger("fedrec.server")
+
+Saved = TypeVar("Saved")
 
 
 @dataclass(frozen=True)
@@ -44,3 +49,18 @@ def ask_every_node(grid: Grid, catalogue_digest: str, timeout: float, action: st
             continue
         ok.append(reply)
     return Replies(ok, len(node_ids) - len(ok), first_error)
+
+
+def saved_for_resume(load: Callable[[], Saved | None], what: str, out_dir: Path) -> Saved | None:
+    """What an earlier run of this folder saved from its clients, for a resumed run
+    (clients release once per run); None when there is nothing to reuse, or when
+    ``load`` raises ValueError because it no longer fits (e.g. the catalogue grew,
+    incremental learning): the clients are asked again."""
+    try:
+        saved = load()
+    except ValueError as err:
+        log.info("Not reusing the saved %s: %s", what, err)
+        return None
+    if saved is not None:
+        log.info("Reusing the %s of %s", what, out_dir)
+    return saved
