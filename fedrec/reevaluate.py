@@ -28,6 +28,11 @@ from fedrec.serving.trained import (
 )
 
 
+def overrides_tag(overrides: Mapping[str, RunConfigValue]) -> str:
+    """``_KEY=VALUE`` for each override, sorted: one evaluation file per set of overrides."""
+    return "".join(f"_{key}={value}" for key, value in sorted(overrides.items()))
+
+
 def load_run(
     run_dir: Path,
     server_round: int | None = None,
@@ -87,8 +92,7 @@ def evaluate_run(
         "overrides": overrides,
         "metrics": model.evaluate(split),
     }
-    tag = "".join(f"_{key}={value}" for key, value in sorted(overrides.items()))
-    out = out or run_dir / "evaluations" / f"{checkpoint_name(server_round, average_rounds)}-{split}{tag}.json"
+    out = out or run_dir / "evaluations" / f"{checkpoint_name(server_round, average_rounds)}-{split}{overrides_tag(overrides)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     result["file"] = str(out)

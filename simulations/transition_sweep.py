@@ -7,7 +7,11 @@ The counts are what the run's clients would send (their exact counts, summed,
 data that client holds. The setting with the best validation NDCG@k is then
 scored on the test items; everything tried is written as JSON.
 
-    python simulations/transition_sweep.py --model RUN [--save]
+    python simulations/transition_sweep.py --model RUN [--save] [--run-config "personal.recent-items=2"]
+
+``--run-config`` sets evaluation settings as ``fedrec evaluate``'s does (e.g. the
+device's recency term of a preset that differs from the run's); the output file's
+name then carries them, ``round-NNNN-transition-sweep_KEY=VALUE.json``.
 
 ``--save`` writes the chosen window's counts as ``RUN/item-transitions.npz``
 (never over an existing file), so that ``fedrec evaluate`` and ``fedrec recommend``
@@ -41,8 +45,9 @@ from fedrec.item_transitions import (
     transition_prior,
 )
 from fedrec.partition import resolve_num_partitions
-from fedrec.reevaluate import load_run
+from fedrec.reevaluate import load_run, overrides_tag
 from fedrec.runtime import autocast
+from simulations.runner import parse_overrides
 
 log = logging.getLogger("fedrec.transition_sweep")
 
@@ -139,17 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=None, help="checkpoint round (default: the newest)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save", action="store_true", help=f"write the chosen counts as RUN/{TRANSITIONS_FILE}")
+    parser.add_argument("--run-config", action="append", help='evaluation settings, e.g. "personal.recent-items=2"')
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.run_config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
-    model, server_round = load_run(args.model, args.round, {"runtime.threads": args.threads})
+    model, server_round = load_run(args.model, args.round, {**overrides, "runtime.threads": args.threads})
     if model.config.transitions.enabled:
         model.user_prior = None  # the sweep adds its own priors to the model's scores
         model.config = replace(model.config, transitions=TransitionConfig())
     result = sweep(model)
     counts = result.pop("counts")
-    result.update(run=str(args.model), round=server_round, seconds=round(time.perf_counter() - start, 1))
-    out = args.model / "evaluations" / f"round-{server_round:04d}-transition-sweep.json"
+    result.update(run=str(args.model), round=server_round, overrides=overrides, seconds=round(time.perf_counter() - start, 1))
+    out = args.model / "evaluations" / f"round-{server_round:04d}-transition-sweep{overrides_tag(overrides)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     k = result["k"]

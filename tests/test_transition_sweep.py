@@ -85,3 +85,25 @@ def test_a_run_that_trained_on_the_validation_items_is_refused(tmp_path):
     out = _write_run(tmp_path, **{"train.include-valid-item": True})
     with pytest.raises(ConfigError, match="train.include-valid-item"):
         transition_sweep.main(["--model", str(out), "--threads", "1"])
+
+
+def test_run_config_sets_evaluation_settings_and_names_the_file(run_dir):
+    overrides = {"personal.enabled": True, "personal.steps": 5}
+    assert not load_run(run_dir, None, {"runtime.threads": 1})[0].config.personal.enabled
+    argv = ["--model", str(run_dir), "--threads", "1", "--run-config", "personal.enabled=true personal.steps=5"]
+    assert transition_sweep.main(argv) == 0
+    out = run_dir / "evaluations" / "round-0001-transition-sweep_personal.enabled=True_personal.steps=5.json"
+    result = json.loads(out.read_text())
+    assert result["overrides"] == overrides
+    assert not (run_dir / "evaluations" / "round-0001-transition-sweep.json").exists()
+    k = result["k"]
+    # the model's own figures are those of `fedrec evaluate` with the same settings, not the run's
+    personal = evaluate_run(run_dir, split="test", overrides={**overrides, "runtime.threads": 1})["metrics"]
+    plain = evaluate_run(run_dir, split="test", overrides={"runtime.threads": 1})["metrics"]
+    assert result["without"]["test"][f"ndcg@{k}"] == pytest.approx(personal[f"ndcg@{k}"], abs=1e-9)
+    assert personal[f"ndcg@{k}"] != plain[f"ndcg@{k}"]
+
+
+def test_run_config_refuses_a_training_setting(run_dir):
+    with pytest.raises(ConfigError, match="lora.r"):
+        transition_sweep.main(["--model", str(run_dir), "--threads", "1", "--run-config", "lora.r=4"])
