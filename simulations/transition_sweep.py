@@ -47,6 +47,7 @@ from fedrec.item_transitions import (
 from fedrec.partition import resolve_num_partitions
 from fedrec.reevaluate import load_run, overrides_tag
 from fedrec.runtime import autocast
+from fedrec.serving.trained import checkpoint_name
 from simulations.runner import parse_overrides
 
 log = logging.getLogger("fedrec.transition_sweep")
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = sweep(model)
     counts = result.pop("counts")
     result.update(run=str(args.model), round=server_round, overrides=overrides, seconds=round(time.perf_counter() - start, 1))
-    out = args.model / "evaluations" / f"round-{server_round:04d}-transition-sweep{overrides_tag(overrides)}.json"
+    out = args.model / "evaluations" / f"{checkpoint_name(server_round)}-transition-sweep{overrides_tag(overrides)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     k = result["k"]
